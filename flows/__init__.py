@@ -1,0 +1,1 @@
+"""Deployable Prefect flows: orchestration only."""

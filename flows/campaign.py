@@ -1,0 +1,78 @@
+"""The campaign flow: target → plan → deliver chunks in parallel → report artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from recapito.campaign import CampaignParams
+from recapito.report import domain_rows, funnel_markdown, text_summary
+from tasks.campaign import build_report, deliver_chunk, prepare_campaign
+
+
+def _artifact_key(name: str) -> str:
+    return "campaign-" + "".join(c if c.isalnum() else "-" for c in name.lower())[:80]
+
+
+@flow(
+    name="campaign",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+    log_prints=False,
+    flow_run_name="campaign-{params.name}",
+)
+def campaign_flow(params: CampaignParams) -> dict[str, Any]:
+    logger = get_run_logger()
+    prepared = prepare_campaign(params)
+    chunks: list[int] = prepared["chunks"]
+    counts = prepared["counts"]
+    logger.info(
+        "targeted %s of %s contacts (%s rejected, %s filtered out) in %s chunks",
+        counts.get("targeted"),
+        counts.get("contacts"),
+        counts.get("rejected"),
+        counts.get("filtered_out"),
+        len(chunks),
+    )
+    progress = create_progress_artifact(
+        progress=0.0, key=f"{_artifact_key(params.name)}-progress", description="chunks delivered"
+    )
+    # keep at most parallel_chunks chunk tasks in flight
+    pending: list[PrefectFuture[dict[str, Any]]] = []
+    done = 0
+    queue = list(chunks)
+    while queue or pending:
+        while queue and len(pending) < params.parallel_chunks:
+            chunk = queue.pop(0)
+            pending.append(
+                deliver_chunk.submit(
+                    params, chunk, prepared["campaign_key"], prepared["template_hash"]
+                )
+            )
+        finished, not_done = wait(pending, timeout=1.0)
+        for future in finished:
+            result = future.result()
+            done += 1
+            logger.info(
+                "chunk %s: %s claimed, outcomes %s",
+                result.get("chunk"),
+                result.get("claimed"),
+                result.get("outcomes"),
+            )
+        pending = list(not_done)
+        if finished:
+            update_progress_artifact(progress, progress=100.0 * done / len(chunks))
+    report = build_report(params.name, status="delivered")
+    key = _artifact_key(params.name)
+    create_markdown_artifact(funnel_markdown(report), key=key, description="campaign funnel")
+    create_table_artifact(domain_rows(report), key=f"{key}-domains", description="per domain")
+    logger.info(text_summary(report))
+    return report

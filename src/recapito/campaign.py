@@ -1,0 +1,233 @@
+"""Campaign stages as plain functions (the Prefect tasks are thin wrappers around these).
+
+``prepare`` targets the contacts, plans one ledger row per recipient and writes the
+audience snapshot (Parquet) that the chunk workers read; ``deliver_chunk`` claims one
+chunk in the ledger and sends it. Both are safe to run again: planning ignores rows that
+exist, and claiming only takes rows that are still to be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, Field, field_validator
+
+from recapito.config import Settings
+from recapito.contacts.mapping import ColumnMapping
+from recapito.contacts.sources import ContactSource, load
+from recapito.contacts.targeting import target
+from recapito.delivery.dns import MXResolver
+from recapito.delivery.engine import DeliveryOptions, DeliveryRun
+from recapito.errors import InputError
+from recapito.ledger import Claim, Ledger, PlannedDelivery
+from recapito.render.template import (
+    CompiledTemplate,
+    RenderedMessage,
+    load_template,
+    message_id_for,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+
+
+class CampaignParams(BaseModel):
+    """What a campaign manager fills in (the deployment's parameter form)."""
+
+    name: str = Field(description="Unique campaign name; running it again resumes it")
+    contacts: str = Field(description="Contact file (CSV or Parquet) or a SQL connection URL")
+    query: str | None = Field(None, description="SQL query, when contacts is a database URL")
+    template: str = Field(description="Template folder (holding template.toml)")
+    sender: str = Field(description="Envelope and From address, e.g. news@bank.example")
+    filter: str | None = Field(None, description='e.g. provincia in ("MI", "RM")')
+    mapping: str | None = Field(None, description="e.g. email=mail,phone=cellulare")
+    encoding: str | None = Field(None, description="CSV encoding (detected when empty)")
+    delimiter: str | None = Field(None, description="CSV delimiter (detected when empty)")
+    chunk_size: int = Field(1000, ge=10, le=50_000, description="Recipients per chunk task")
+    parallel_chunks: int = Field(4, ge=1, le=64, description="Chunk tasks running at once")
+    connections_per_host: int = Field(4, ge=1, le=50, description="Connections per MX host")
+    messages_per_connection: int = Field(200, ge=1, le=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, space, dot, dash or underscore (max 100)")
+        return value
+
+    @field_validator("sender")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        local, at, domain = value.strip().rpartition("@")
+        if not at or not local or "." not in domain or any(c.isspace() for c in value.strip()):
+            raise ValueError(f"{value!r} is not an e-mail address")
+        return value.strip()
+
+    @property
+    def sender_domain(self) -> str:
+        return self.sender.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    campaign_id: int
+    name: str
+    chunks: list[int]
+    counts: dict[str, Any]
+    audience_path: str
+    template_hash: str
+
+
+def campaign_dir(settings: Settings, name: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return settings.home / "campaigns" / safe
+
+
+def _source(params: CampaignParams) -> ContactSource:
+    if "://" in params.contacts:
+        if not params.query:
+            raise InputError(f"contacts {params.contacts!r} is a database URL: give --query too")
+        return ContactSource(kind="sql", url=params.contacts, query=params.query)
+    path = Path(params.contacts)
+    source = ContactSource.from_path(path)
+    if params.encoding or params.delimiter:
+        source = (
+            source.model_copy(update={"encoding": params.encoding, "delimiter": params.delimiter})
+            if hasattr(source, "model_copy")
+            else ContactSource(
+                kind=source.kind,
+                path=source.path,
+                encoding=params.encoding,
+                delimiter=params.delimiter,
+            )
+        )
+    return source
+
+
+def prepare(params: CampaignParams, settings: Settings) -> Prepared:
+    """Target, check the template against the data, plan the ledger rows."""
+    template = load_template(params.template)  # fails before anything else on a bad template
+    loaded = load(_source(params))
+    mapping = ColumnMapping.parse(params.mapping, loaded.frame.columns)
+    ledger = Ledger(settings.db_url)
+    try:
+        targeted = target(loaded.frame, mapping, params.filter, ledger.suppressed_among)
+        audience = targeted.audience
+        template.check_variables(audience.columns)
+        campaign = ledger.ensure_campaign(
+            params.name,
+            sender=params.sender,
+            template_hash=template.digest,
+            params=params.model_dump(),
+        )
+        ledger.expire_stale_claims(campaign.id)
+        audience = audience.with_columns(
+            (pl.int_range(0, pl.len()) // params.chunk_size).cast(pl.Int32).alias("_chunk")
+        )
+        out = campaign_dir(settings, params.name)
+        out.mkdir(parents=True, exist_ok=True)
+        audience_path = out / "audience.parquet"
+        if not audience_path.exists() or campaign.status == "created":
+            tmp = audience_path.with_suffix(".tmp")
+            audience.write_parquet(tmp)
+            os.replace(tmp, audience_path)
+        else:
+            # a re-run keeps the snapshot the planned rows were made from
+            audience = pl.read_parquet(audience_path)
+        planned = (
+            PlannedDelivery(str(cid), str(addr), str(dom), int(ch))
+            for cid, addr, dom, ch in audience.select(
+                "contact_id", "email", "email_domain", "_chunk"
+            ).iter_rows()
+        )
+        new_rows = ledger.plan(campaign.id, planned)
+        rejected = loaded_rejections(loaded.rejected, targeted.rejected)
+        ledger.replace_rejections(campaign.id, rejected)
+        counts = dict(targeted.counts)
+        counts["rejected"] = len(rejected)
+        counts["contacts"] = int(targeted.counts.get("contacts", 0)) + len(loaded.rejected)
+        counts["planned_new"] = new_rows
+        ledger.update_campaign(campaign.id, status="planned", counts=counts)
+        chunks = ledger.chunks(campaign.id)
+    finally:
+        ledger.close()
+    return Prepared(
+        campaign_id=campaign.id,
+        name=params.name,
+        chunks=chunks,
+        counts=counts,
+        audience_path=str(audience_path),
+        template_hash=template.digest,
+    )
+
+
+def loaded_rejections(load_rejects: Any, target_rejects: pl.DataFrame) -> list[dict[str, Any]]:
+    """Rows refused while reading the file plus rows refused while targeting."""
+    rows: list[dict[str, Any]] = [
+        {"line": r.line, "contact_id": None, "address": None, "reason": r.reason}
+        for r in load_rejects
+    ]
+    rows.extend(target_rejects.select("line", "contact_id", "address", "reason").to_dicts())
+    return rows
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def chunk_renderer(
+    template: CompiledTemplate, audience: pl.DataFrame, params: CampaignParams
+) -> Any:
+    rows = {str(r["contact_id"]): r for r in audience.drop("_chunk").to_dicts()}
+
+    def render(claim: Claim) -> RenderedMessage:
+        context = rows.get(claim.contact_id, {})
+        msg_id = message_id_for(params.name, claim.delivery_id, params.sender_domain)
+        return template.render(
+            {**context, "campaign": params.name},
+            sender=params.sender,
+            recipient=claim.address,
+            message_id=msg_id,
+            headers={
+                "X-Recapito-Campaign": params.name,
+                "X-Recapito-Delivery": str(claim.delivery_id),
+            },
+        )
+
+    return render
+
+
+def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dict[str, Any]:
+    """Claim one chunk and send it; returns the chunk's outcome counts."""
+    template = load_template(params.template)
+    ledger = Ledger(settings.db_url, run_migrations=False)
+    try:
+        campaign = ledger.get_campaign(params.name)
+        if campaign is None:
+            raise InputError(f"campaign {params.name!r} is not prepared")
+        claims = ledger.claim_chunk(campaign.id, chunk, worker=_worker_name())
+        if not claims:
+            return {"chunk": chunk, "claimed": 0, "outcomes": {}}
+        audience_path = campaign_dir(settings, params.name) / "audience.parquet"
+        audience = pl.read_parquet(audience_path).filter(pl.col("_chunk") == chunk)
+        options = DeliveryOptions(
+            sender=params.sender,
+            helo_name=settings.helo_name,
+            mx_port=settings.mx_port,
+            extra_ca_file=settings.tls_ca_file,
+            connections_per_host=params.connections_per_host,
+            messages_per_connection=params.messages_per_connection,
+        )
+        run = DeliveryRun(
+            ledger, options, chunk_renderer(template, audience, params), MXResolver(settings.dns)
+        )
+        stats = asyncio.run(run.run(claims))
+    finally:
+        ledger.close()
+    return {"chunk": chunk, "claimed": len(claims), **stats.as_dict()}

@@ -1,0 +1,168 @@
+"""The ``recapito`` command line.
+
+Errors the user can fix (bad input, bad settings, unknown campaign) print one line and
+exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from recapito.errors import RecapitoError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RecapitoError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="recapito")
+def main() -> None:
+    """Secure, provable campaign delivery."""
+
+
+def _register_optional() -> None:
+    from recapito.contacts.cli import demo_data
+    from recapito.sandbox.cli import sandbox
+
+    main.add_command(sandbox)
+    main.add_command(demo_data, name="demo-data")
+
+
+@main.group(cls=_Group)
+def campaign() -> None:
+    """Run campaigns and read their figures."""
+
+
+def prefect_environment(home: Path) -> None:
+    """Offline-friendly Prefect defaults, set before Prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "storage"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@campaign.command("run")
+@click.option("--name", required=True, help="Campaign name (running it again resumes it).")
+@click.option("--contacts", required=True, help="CSV/Parquet file, or a database URL.")
+@click.option("--template", required=True, type=click.Path(), help="Template folder.")
+@click.option("--sender", default="comunicazioni@banca-esempio.test", show_default=True)
+@click.option("--filter", "filter_", default=None, help='e.g. provincia in ("MI","RM")')
+@click.option("--mapping", default=None, help="e.g. email=mail,phone=cellulare")
+@click.option("--query", default=None, help="SQL query when --contacts is a database URL.")
+@click.option("--encoding", default=None, help="CSV encoding (detected when omitted).")
+@click.option("--delimiter", default=None, help="CSV delimiter (detected when omitted).")
+@click.option("--chunk-size", default=1000, show_default=True, type=int)
+@click.option("--parallel-chunks", default=4, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def campaign_run(
+    name: str,
+    contacts: str,
+    template: str,
+    sender: str,
+    filter_: str | None,
+    mapping: str | None,
+    query: str | None,
+    encoding: str | None,
+    delimiter: str | None,
+    chunk_size: int,
+    parallel_chunks: int,
+    as_json: bool,
+) -> None:
+    """Target, render and deliver a campaign (runs the Prefect flow)."""
+    from pydantic import ValidationError
+
+    from recapito.campaign import CampaignParams
+    from recapito.config import Settings
+
+    try:
+        params = CampaignParams(
+            name=name,
+            contacts=contacts,
+            template=template,
+            sender=sender,
+            filter=filter_,
+            mapping=mapping,
+            query=query,
+            encoding=encoding,
+            delimiter=delimiter,
+            chunk_size=chunk_size,
+            parallel_chunks=parallel_chunks,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise click.ClickException(f"--{where.replace('_', '-')}: {first['msg']}") from None
+    report = run_campaign(params, Settings.load().home)
+    _print_report(report, as_json)
+
+
+def run_campaign(params: Any, home: Path) -> dict[str, Any]:
+    """Run the campaign flow in this process and return its report."""
+    prefect_environment(home)
+    from flows.campaign import campaign_flow
+
+    result: dict[str, Any] = campaign_flow(params)
+    return result
+
+
+def _print_report(report: dict[str, Any], as_json: bool) -> None:
+    from recapito.report import text_summary
+
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(text_summary(report))
+    f = report["funnel"]
+    width = max(len(k) for k in f)
+    for key, value in f.items():
+        click.echo(f"  {key:<{width}}  {value:>9,}")
+    if report["tls_versions"]:
+        click.echo("  TLS: " + ", ".join(f"{k} {v:,}" for k, v in report["tls_versions"].items()))
+
+
+@campaign.command("report")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def campaign_report_cmd(name: str, as_json: bool) -> None:
+    """Print a campaign's funnel, TLS mix and domains from the ledger."""
+    from recapito.config import Settings
+    from recapito.ledger import Ledger
+    from recapito.report import campaign_report
+
+    ledger = Ledger(Settings.load().db_url)
+    try:
+        _print_report(campaign_report(ledger, name), as_json)
+    finally:
+        ledger.close()
+
+
+@main.command("demo")
+@click.option("--contacts", "n_contacts", default=10_000, show_default=True, type=int)
+@click.option("--exit", "exit_after", is_flag=True, help="Stop everything when the run ends.")
+@click.option("--name", default=None, help="Campaign name (default: demo-<timestamp>).")
+def demo_cmd(n_contacts: int, exit_after: bool, name: str | None) -> None:
+    """Sandbox + Prefect server + demo contacts + a real campaign, end to end."""
+    from recapito.demo import run_demo
+
+    sys.exit(run_demo(n_contacts=n_contacts, exit_after=exit_after, name=name))
+
+
+try:
+    _register_optional()
+except ImportError:  # pragma: no cover - a partial checkout
+    pass
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Settings: environment first, then the sandbox's settings file, then defaults.
+
+``RECAPITO_HOME``        working directory for state (default ``./var``)
+``RECAPITO_DB_URL``      ledger URL (default SQLite file ``$RECAPITO_HOME/recapito.db``)
+``RECAPITO_DNS``         ``HOST:PORT`` of the resolver to ask (default: the system resolver)
+``RECAPITO_MX_PORT``     TCP port of recipient MX servers (default 25)
+``RECAPITO_TLS_CA_FILE`` extra trust anchors (PEM) added to the system store
+``RECAPITO_HELO_NAME``   FQDN used in EHLO (default: the host's FQDN)
+
+``recapito sandbox up`` writes ``$RECAPITO_HOME/sandbox/settings.json`` with the values that
+point the CLI and the flows at the local mail world; explicit environment variables win.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from recapito.errors import ConfigError
+
+SETTING_NAMES = (
+    "RECAPITO_DB_URL",
+    "RECAPITO_DNS",
+    "RECAPITO_MX_PORT",
+    "RECAPITO_TLS_CA_FILE",
+    "RECAPITO_HELO_NAME",
+)
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("RECAPITO_HOME", "var")).resolve()
+
+
+def sandbox_dir(home: Path | None = None) -> Path:
+    return (home or home_dir()) / "sandbox"
+
+
+def sandbox_settings_path(home: Path | None = None) -> Path:
+    return sandbox_dir(home) / "settings.json"
+
+
+def _sandbox_settings(home: Path) -> dict[str, str]:
+    path = sandbox_settings_path(home)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable sandbox settings ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: sandbox settings must be a JSON object")
+    return {str(k): str(v) for k, v in data.items() if k in SETTING_NAMES}
+
+
+def parse_hostport(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}={value!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db_url: str
+    dns: tuple[str, int] | None
+    mx_port: int
+    tls_ca_file: Path | None
+    helo_name: str
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None) -> Settings:
+        environ = dict(os.environ if env is None else env)
+        home = Path(environ.get("RECAPITO_HOME", "var")).resolve()
+        merged = {
+            **_sandbox_settings(home),
+            **{k: environ[k] for k in SETTING_NAMES if environ.get(k)},
+        }
+        db_url = merged.get("RECAPITO_DB_URL") or f"sqlite:///{home / 'recapito.db'}"
+        dns = (
+            parse_hostport(merged["RECAPITO_DNS"], "RECAPITO_DNS")
+            if merged.get("RECAPITO_DNS")
+            else None
+        )
+        port_text = merged.get("RECAPITO_MX_PORT", "25")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"RECAPITO_MX_PORT={port_text!r}: expected a TCP port number")
+        ca = merged.get("RECAPITO_TLS_CA_FILE")
+        ca_path = Path(ca) if ca else None
+        if ca_path is not None and not ca_path.is_file():
+            raise ConfigError(f"RECAPITO_TLS_CA_FILE={ca}: no such file")
+        helo = merged.get("RECAPITO_HELO_NAME") or socket.getfqdn() or "localhost.localdomain"
+        return cls(
+            home=home,
+            db_url=db_url,
+            dns=dns,
+            mx_port=int(port_text),
+            tls_ca_file=ca_path,
+            helo_name=helo,
+        )

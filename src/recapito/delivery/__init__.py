@@ -1,0 +1,1 @@
+"""E-mail delivery direct to the recipient's MX hosts."""

@@ -1,0 +1,159 @@
+"""SMTP client adapter over aiosmtplib: the only module here that imports it.
+
+``MXSession`` is one connection to one MX host: banner, EHLO, explicit STARTTLS when the
+server offers it (aiosmtplib's own opportunistic mode would silently stay in cleartext),
+then any number of single-recipient transactions. Library errors become ``SMTPReply``
+values or ``SessionLost``, which say whether the message may have reached the server.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+
+from recapito.delivery.tls import TLSFacts, certificate_verdict, opportunistic_context
+
+
+@dataclass(frozen=True)
+class SMTPReply:
+    code: int
+    text: str
+    stage: str  # "mail", "rcpt" or "data"
+
+
+class ConnectFailed(Exception):
+    """No session could be set up with this host (refused, timeout, 4xx/5xx banner, TLS)."""
+
+
+class SessionLost(Exception):
+    """The connection broke in the middle of a transaction.
+
+    ``after_data`` is True when the message body had been handed over: the server may
+    have accepted it, so the delivery is uncertain and must not be resent blindly.
+    """
+
+    def __init__(self, message: str, *, after_data: bool) -> None:
+        super().__init__(message)
+        self.after_data = after_data
+
+
+class MXSession:
+    def __init__(
+        self,
+        mx_host: str,
+        address: str,
+        port: int,
+        *,
+        helo_name: str,
+        extra_ca_file: Path | None,
+        connect_timeout: float,
+        command_timeout: float,
+    ) -> None:
+        self.mx_host = mx_host
+        self.address = address
+        self.port = port
+        self.helo_name = helo_name
+        self.extra_ca_file = extra_ca_file
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.starttls_offered = False
+        self.tls = TLSFacts(None, None, None)
+        self.sent = 0
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    async def open(self, tls_context: ssl.SSLContext | None = None) -> None:
+        smtp = aiosmtplib.SMTP(
+            hostname=self.address,
+            port=self.port,
+            local_hostname=self.helo_name,
+            start_tls=False,
+            use_tls=False,
+            timeout=self.command_timeout,
+        )
+        try:
+            await smtp.connect(timeout=self.connect_timeout)
+            await smtp.ehlo()
+            self.starttls_offered = smtp.supports_extension("starttls")
+            if self.starttls_offered:
+                await smtp.starttls(
+                    tls_context=tls_context or opportunistic_context(),
+                    server_hostname=self.mx_host,
+                )
+                ssl_object = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
+                if ssl_object is None:
+                    raise ConnectFailed(f"{self.mx_host}: STARTTLS did not produce a TLS session")
+                cipher = ssl_object.cipher()
+                self.tls = TLSFacts(
+                    version=ssl_object.version(),
+                    cipher=cipher[0] if cipher else None,
+                    cert_verdict=certificate_verdict(ssl_object, self.mx_host, self.extra_ca_file),
+                )
+        except ConnectFailed:
+            smtp.close()
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise ConnectFailed(f"{self.mx_host}: {exc.code} {exc.message}") from exc
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            smtp.close()
+            raise ConnectFailed(f"{self.mx_host}: {type(exc).__name__}: {exc}") from exc
+        self._smtp = smtp
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> SMTPReply:
+        """One transaction. A refusal is a reply; a broken connection raises SessionLost."""
+        smtp = self._smtp
+        if smtp is None:
+            raise SessionLost("session is not open", after_data=False)
+        stage = "mail"
+        try:
+            await smtp.mail(sender)
+            stage = "rcpt"
+            await smtp.rcpt(recipient)
+            stage = "data"
+            response = await smtp.data(data)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            self._smtp = None
+            raise SessionLost(f"{self.mx_host}: {exc}", after_data=stage == "data") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code in (421, -1):
+                self._smtp = None
+                smtp.close()
+                if stage == "data" and exc.code == -1:
+                    raise SessionLost(f"{self.mx_host}: {exc.message}", after_data=True) from exc
+            else:
+                await self._reset()
+            self.sent += 1
+            return SMTPReply(exc.code, exc.message, stage)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self._smtp = None
+            smtp.close()
+            raise SessionLost(
+                f"{self.mx_host}: {type(exc).__name__}: {exc}", after_data=stage == "data"
+            ) from exc
+        self.sent += 1
+        return SMTPReply(response.code, response.message, "data")
+
+    async def _reset(self) -> None:
+        if self._smtp is None:
+            return
+        try:
+            await self._smtp.rset()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            self._smtp.close()
+            self._smtp = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            smtp.close()

@@ -1,0 +1,109 @@
+"""TLS facts of one SMTP connection and the security level they amount to (DESIGN §5).
+
+The client negotiates with a permissive context (no verification), so one handshake
+gives encryption whatever the certificate; the certificate verdict is then computed
+offline from the chain the server presented, against the trust store, for the MX host
+name. One connection therefore yields both the L2 and the L3 facts.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509 import verification
+
+LEGACY_VERSIONS = frozenset({"SSLv3", "TLSv1", "TLSv1.1"})
+WEAK_CIPHER_MARKERS = ("RC4", "3DES", "DES-CBC", "NULL", "EXPORT", "MD5")
+# DER encoding selector of the certificate objects CPython 3.11/3.12 return from
+# the private get_unverified_chain() (ssl.ENCODING_DER is not exported).
+_ENCODING_DER = 2
+
+
+@dataclass(frozen=True)
+class TLSFacts:
+    version: str | None  # e.g. "TLSv1.3"; None for cleartext
+    cipher: str | None
+    cert_verdict: str | None  # "valid" or a TLS-RPT style failure reason; None in cleartext
+
+    @property
+    def level(self) -> str:
+        if self.version is None:
+            return "L0"
+        if self.version in LEGACY_VERSIONS or any(
+            m in (self.cipher or "") for m in WEAK_CIPHER_MARKERS
+        ):
+            return "L1"
+        return "L3" if self.cert_verdict == "valid" else "L2"
+
+
+def opportunistic_context() -> ssl.SSLContext:
+    """Encrypt with whatever the server offers; the certificate is judged separately."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@lru_cache(maxsize=8)
+def trust_store(extra_ca_file: Path | None) -> verification.Store:
+    """The system trust anchors plus the configured extra CA file (e.g. the sandbox CA)."""
+    certs: list[x509.Certificate] = []
+    paths = [ssl.get_default_verify_paths().cafile]
+    if extra_ca_file is not None:
+        paths.append(str(extra_ca_file))
+    for path in paths:
+        if path and Path(path).is_file():
+            certs.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+    return verification.Store(certs)
+
+
+def certificate_verdict(
+    ssl_object: Any, server_name: str, extra_ca_file: Path | None, now: datetime | None = None
+) -> str:
+    """Verify the presented chain for ``server_name``; returns "valid" or a reason."""
+    raw_chain: list[bytes] = []
+    inner = getattr(ssl_object, "_sslobj", ssl_object)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        for item in getter() or []:
+            raw_chain.append(
+                item.public_bytes(_ENCODING_DER) if hasattr(item, "public_bytes") else item
+            )
+    if not raw_chain:
+        leaf_der = ssl_object.getpeercert(binary_form=True)
+        if not leaf_der:
+            return "validation-failure"
+        raw_chain = [leaf_der]
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in raw_chain]
+    except ValueError:
+        return "validation-failure"
+    leaf, intermediates = chain[0], chain[1:]
+    moment = now or datetime.now(UTC)
+    if leaf.not_valid_after_utc < moment:
+        return "certificate-expired"
+    try:
+        verifier = (
+            verification.PolicyBuilder()
+            .store(trust_store(extra_ca_file))
+            .time(moment)
+            .build_server_verifier(x509.DNSName(server_name))
+        )
+        verifier.verify(leaf, intermediates)
+    except verification.VerificationError as exc:
+        text = str(exc).lower()
+        if "san" in text or "name" in text or "subject" in text:
+            return "certificate-host-mismatch"
+        if "expired" in text or "validity" in text:
+            return "certificate-expired"
+        return "certificate-not-trusted"
+    except ValueError:
+        return "certificate-host-mismatch"
+    return "valid"

@@ -1,0 +1,204 @@
+"""``make demo``: the local mail world, a Prefect server, demo contacts and a real campaign.
+
+Starts what is not already running (the sandbox, and a Prefect server on 127.0.0.1:4200
+with its SQLite database under ``./var/prefect`` unless ``PREFECT_API_URL`` is set), runs
+the campaign flow on generated contacts, checks the sandbox Maildirs against the ledger,
+prints the summary and the UI address, then keeps the servers up until Ctrl-C (or stops
+them at once with ``--exit``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from recapito.config import Settings, home_dir
+
+PREFECT_HOST = "127.0.0.1"
+PREFECT_PORT = 4200
+TEMPLATE_DIR = Path(__file__).parent / "sandbox" / "demo_template"
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class PrefectServer:
+    """A local Prefect server subprocess (SQLite under ``$RECAPITO_HOME/prefect``)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home / "prefect"
+        self.api_url = f"http://{PREFECT_HOST}:{PREFECT_PORT}/api"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        if _healthy(self.api_url):
+            _say(f"reusing the Prefect server already answering at {self.api_url}")
+            return
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
+        )
+        env.pop("PREFECT_API_URL", None)
+        log = (self.home / "server.log").open("ab")
+        prefect = Path(sys.executable).with_name("prefect")
+        cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--host", PREFECT_HOST, "--port", str(PREFECT_PORT)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _say("starting the Prefect server (about 20 s the first time)…")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the Prefect server exited early; see {self.home / 'server.log'}")
+            if _healthy(self.api_url):
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise SystemExit(f"the Prefect server did not answer in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recapito.cli", *args], text=True, capture_output=True, check=False
+    )
+
+
+def _sandbox_running() -> bool:
+    result = _cli("sandbox", "status", "--json")
+    if result.returncode != 0:
+        return False
+    import json
+
+    try:
+        servers = json.loads(result.stdout)
+    except ValueError:
+        return False
+    entries = servers.get("servers", servers) if isinstance(servers, dict) else servers
+    return bool(entries) and all(e.get("up") for e in entries)
+
+
+def run_demo(*, n_contacts: int, exit_after: bool, name: str | None) -> int:
+    home = home_dir()
+    started_sandbox = False
+    server: PrefectServer | None = None
+    t0 = time.monotonic()
+    try:
+        if _sandbox_running():
+            _say("the sandbox is already up")
+        else:
+            _say("starting the sandbox (DNS + MX servers on 127.0.0.x)…")
+            up = _cli("sandbox", "up")
+            if up.returncode != 0:
+                sys.stderr.write(up.stderr or up.stdout)
+                return 1
+            started_sandbox = True
+        if not os.environ.get("PREFECT_API_URL"):
+            server = PrefectServer(home)
+            server.start()
+            os.environ["PREFECT_API_URL"] = server.api_url
+        ui_url = os.environ["PREFECT_API_URL"].removesuffix("/api")
+        settings = Settings.load()
+
+        from recapito.demo_data import generate, write_csv
+
+        demo_dir = home / "demo"
+        demo_dir.mkdir(parents=True, exist_ok=True)
+        contacts = demo_dir / f"contacts-{n_contacts}.csv"
+        write_csv(generate(n_contacts, seed=42), contacts)
+        _say(f"generated {n_contacts:,} demo contacts in {contacts}")
+        servers_ready = time.monotonic()
+
+        from recapito.campaign import CampaignParams
+        from recapito.cli import prefect_environment
+
+        prefect_environment(home)
+        from flows.campaign import campaign_flow
+
+        campaign_name = name or f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+        params = CampaignParams(
+            name=campaign_name,
+            contacts=str(contacts),
+            template=str(TEMPLATE_DIR),
+            sender="comunicazioni@banca-esempio.test",
+        )
+        _say(f"running campaign {campaign_name!r}…")
+        run_started = time.monotonic()
+        state = campaign_flow(params, return_state=True)
+        campaign_seconds = time.monotonic() - run_started
+        report: dict[str, Any] = state.result()
+        flow_run_id = state.state_details.flow_run_id
+
+        from recapito.ledger import Ledger
+        from recapito.report import text_summary
+        from recapito.sandbox.check import compare_with_maildirs
+
+        ledger = Ledger(settings.db_url, run_migrations=False)
+        try:
+            check = compare_with_maildirs(ledger, campaign_name, settings.home)
+        finally:
+            ledger.close()
+        print()
+        print(text_summary(report))
+        print(
+            f"Maildir check: {check['accepted']:,} accepted in the ledger, "
+            f"{check['stored']:,} stored in the sandbox Maildirs, "
+            f"{check['missing']:,} missing, {check['duplicates']:,} duplicated, "
+            f"{check['unexpected']:,} unexpected"
+        )
+        print(
+            f"Campaign time {campaign_seconds:.1f} s; servers ready after "
+            f"{servers_ready - t0:.1f} s; total {time.monotonic() - t0:.1f} s"
+        )
+        print(f"Prefect UI: {ui_url}/runs/flow-run/{flow_run_id}")
+        print(f"Report again: .venv/bin/recapito campaign report {campaign_name}")
+        ok = check["missing"] == 0 and check["duplicates"] == 0 and check["unexpected"] == 0
+        if not exit_after:
+            print("Servers stay up: open the UI, or press Ctrl-C to stop them.", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print()
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            _say("stopping the Prefect server")
+            server.stop()
+        if started_sandbox:
+            _say("stopping the sandbox")
+            _cli("sandbox", "down")

@@ -1,0 +1,120 @@
+"""Ledger tables (SQLAlchemy Core). The Alembic migrations create exactly these.
+
+Portable between SQLite and PostgreSQL: timestamps are timezone-aware UTC, JSON payloads
+are stored as text, ids are integers.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+TS = sa.DateTime(timezone=True)
+
+campaigns = sa.Table(
+    "campaigns",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("sender", sa.String(320), nullable=False),
+    sa.Column("template_hash", sa.String(64), nullable=False),
+    sa.Column("params_json", sa.Text, nullable=False),
+    sa.Column("counts_json", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id"), nullable=False),
+    sa.Column("contact_id", sa.String(200), nullable=False),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(320), nullable=False),
+    sa.Column("domain", sa.String(255), nullable=False),
+    sa.Column("chunk", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("worker", sa.String(200)),
+    sa.Column("claim_token", sa.String(64)),
+    sa.Column("lease_until", TS),
+    sa.Column("message_id", sa.String(400)),
+    sa.Column("mx_host", sa.String(255)),
+    sa.Column("reply_code", sa.Integer),
+    sa.Column("reply_status", sa.String(16)),
+    sa.Column("reply_text", sa.Text),
+    sa.Column("reason", sa.String(64)),
+    sa.Column("permanence", sa.String(16)),
+    sa.Column("tls_version", sa.String(16)),
+    sa.Column("tls_cipher", sa.String(100)),
+    sa.Column("tls_level", sa.String(4)),
+    sa.Column("next_attempt_at", TS),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.UniqueConstraint("campaign_id", "contact_id", "channel"),
+    sa.Index("ix_deliveries_campaign_chunk_state", "campaign_id", "chunk", "state"),
+    sa.Index("ix_deliveries_state_next_attempt", "state", "next_attempt_at"),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id"), nullable=False),
+    sa.Column("delivery_id", BigId, sa.ForeignKey("deliveries.id")),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("at", TS, nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("data_json", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("raw_ref", sa.String(400)),
+    sa.Index("ix_events_delivery", "delivery_id"),
+    sa.Index("ix_events_campaign_kind", "campaign_id", "kind"),
+)
+
+mx_facts = sa.Table(
+    "mx_facts",
+    metadata,
+    sa.Column("mx_host", sa.String(255), primary_key=True),
+    sa.Column("checked_at", TS, nullable=False),
+    sa.Column("expires_at", TS, nullable=False),
+    sa.Column("starttls_offered", sa.Boolean, nullable=False),
+    sa.Column("ever_offered_starttls", sa.Boolean, nullable=False),
+    sa.Column("tls_version", sa.String(16)),
+    sa.Column("tls_cipher", sa.String(100)),
+    sa.Column("tls_level", sa.String(4)),
+    sa.Column("cert_verdict", sa.String(64)),
+)
+
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("address", sa.String(320), primary_key=True),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id")),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+rejections = sa.Table(
+    "rejections",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id"), nullable=False),
+    sa.Column("line", sa.Integer),
+    sa.Column("contact_id", sa.String(200)),
+    sa.Column("address", sa.String(400)),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Index("ix_rejections_campaign", "campaign_id"),
+)

@@ -1,0 +1,65 @@
+"""Delivery states and the transitions the ledger allows (DESIGN §3).
+
+``planned → claimed → accepted | deferred | failed | insecure_channel``;
+``deferred → claimed`` again when due; a ``claimed`` row whose lease ran out is
+``uncertain``: the message may or may not have been accepted, so it is never resent
+without an operator's decision. Post-send states (bounced, delivered, opened...) come
+from collectors and are recorded by later issues.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    PLANNED = "planned"
+    CLAIMED = "claimed"
+    ACCEPTED = "accepted"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+    INSECURE_CHANNEL = "insecure_channel"
+    UNCERTAIN = "uncertain"
+    EXPIRED = "expired"
+    BOUNCED = "bounced"
+    DELIVERED = "delivered"
+
+
+# Outcomes a worker may write on a row it holds a claim on.
+SEND_OUTCOMES = frozenset(
+    {State.ACCEPTED, State.DEFERRED, State.FAILED, State.INSECURE_CHANNEL, State.SUPPRESSED}
+)
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PLANNED: frozenset({State.CLAIMED, State.SUPPRESSED}),
+    State.CLAIMED: SEND_OUTCOMES | {State.UNCERTAIN, State.PLANNED},
+    State.DEFERRED: frozenset({State.CLAIMED, State.EXPIRED, State.SUPPRESSED}),
+    State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED}),
+    State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}),
+    State.DELIVERED: frozenset({State.BOUNCED}),
+    State.FAILED: frozenset(),
+    State.SUPPRESSED: frozenset(),
+    State.INSECURE_CHANNEL: frozenset(),
+    State.EXPIRED: frozenset(),
+    State.BOUNCED: frozenset(),
+}
+
+# States that can be claimed for sending.
+CLAIMABLE = frozenset({State.PLANNED, State.DEFERRED})
+# States that end the send stage of a delivery (nothing more will be attempted by itself).
+FINAL = frozenset(
+    {
+        State.ACCEPTED,
+        State.FAILED,
+        State.SUPPRESSED,
+        State.INSECURE_CHANNEL,
+        State.EXPIRED,
+        State.BOUNCED,
+        State.DELIVERED,
+    }
+)
+
+
+def can_transition(current: State, new: State) -> bool:
+    return new in TRANSITIONS[current]

@@ -1,0 +1,697 @@
+"""Ledger access: SQLAlchemy Core over SQLite (default) or PostgreSQL.
+
+Every write that records a server's verdict is its own short transaction, committed
+right after the reply, so a crash loses at most the reply being waited for; that
+delivery is then ``uncertain``, never silently resent.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection, Engine
+
+from recapito.errors import ConfigError, LedgerError
+from recapito.ledger.schema import (
+    campaigns,
+    deliveries,
+    events,
+    mx_facts,
+    rejections,
+    suppressions,
+)
+from recapito.ledger.states import SEND_OUTCOMES, State
+
+_INSERT_BATCH = 5_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything in the ledger is UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def create_ledger_engine(url: str) -> Engine:
+    """An engine for the ledger URL; SQLite files get WAL mode and a busy timeout."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"ledger URL {url!r} is not a database URL") from exc
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(files("recapito.ledger") / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+@dataclass(frozen=True)
+class Campaign:
+    id: int
+    name: str
+    status: str
+    sender: str
+    template_hash: str
+    params: dict[str, Any]
+    counts: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PlannedDelivery:
+    contact_id: str
+    address: str
+    domain: str
+    chunk: int
+    channel: str = "email"
+
+
+@dataclass(frozen=True)
+class Claim:
+    delivery_id: int
+    campaign_id: int
+    contact_id: str
+    address: str
+    domain: str
+    chunk: int
+    attempt: int
+    token: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a send attempt ended with; written on a claimed row."""
+
+    state: State
+    mx_host: str | None = None
+    reply_code: int | None = None
+    reply_status: str | None = None
+    reply_text: str | None = None
+    reason: str | None = None
+    permanence: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    tls_level: str | None = None
+    message_id: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class MXFacts:
+    mx_host: str
+    starttls_offered: bool
+    ever_offered_starttls: bool
+    tls_version: str | None
+    tls_cipher: str | None
+    tls_level: str | None
+    cert_verdict: str | None
+    checked_at: datetime
+    expires_at: datetime
+
+
+_EVENT_KIND = {
+    State.ACCEPTED: "sent",
+    State.DEFERRED: "deferred",
+    State.FAILED: "failed",
+    State.INSECURE_CHANNEL: "insecure_channel",
+    State.SUPPRESSED: "suppressed",
+    State.UNCERTAIN: "uncertain",
+}
+
+
+class Ledger:
+    def __init__(self, url: str, *, run_migrations: bool = True) -> None:
+        self.url = url
+        self.engine = create_ledger_engine(url)
+        if run_migrations:
+            migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ---- campaigns -------------------------------------------------------------------
+
+    def ensure_campaign(
+        self, name: str, *, sender: str, template_hash: str, params: Mapping[str, Any]
+    ) -> Campaign:
+        """Create the campaign, or return the existing one of that name (a re-run resumes it).
+
+        Re-running a name with a different template is refused: the rows already sent
+        would not match what the new template would produce.
+        """
+        existing = self.get_campaign(name)
+        if existing is not None:
+            if existing.template_hash != template_hash:
+                raise LedgerError(
+                    f"campaign {name!r} already exists with another template "
+                    f"(hash {existing.template_hash[:12]}…); choose a new campaign name"
+                )
+            return existing
+        now = utcnow()
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    campaigns.insert().values(
+                        name=name,
+                        status="created",
+                        sender=sender,
+                        template_hash=template_hash,
+                        params_json=json.dumps(dict(params), sort_keys=True, default=str),
+                        counts_json="{}",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # created concurrently by another worker: fall through and read it
+        created = self.get_campaign(name)
+        assert created is not None
+        return created
+
+    def get_campaign(self, name: str) -> Campaign | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(campaigns).where(campaigns.c.name == name)).first()
+        return None if row is None else _campaign(row._mapping)
+
+    def campaign_by_id(self, campaign_id: int) -> Campaign:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(campaigns).where(campaigns.c.id == campaign_id)).first()
+        if row is None:
+            raise LedgerError(f"no campaign with id {campaign_id}")
+        return _campaign(row._mapping)
+
+    def list_campaigns(self) -> list[Campaign]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(campaigns).order_by(campaigns.c.id)).all()
+        return [_campaign(r._mapping) for r in rows]
+
+    def update_campaign(
+        self,
+        campaign_id: int,
+        *,
+        status: str | None = None,
+        counts: Mapping[str, Any] | None = None,
+    ) -> None:
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if status is not None:
+            values["status"] = status
+        if counts is not None:
+            values["counts_json"] = json.dumps(dict(counts), sort_keys=True, default=str)
+        with self._tx() as conn:
+            conn.execute(campaigns.update().where(campaigns.c.id == campaign_id).values(**values))
+
+    # ---- planning ----------------------------------------------------------------------
+
+    def plan(self, campaign_id: int, rows: Iterable[PlannedDelivery]) -> int:
+        """Insert planned deliveries; rows already planned for this campaign are left alone.
+
+        Returns how many rows are new. Safe to call again after a crash or a retry.
+        """
+        now = utcnow()
+        inserted = 0
+        batch: list[dict[str, Any]] = []
+
+        def flush(conn: Connection) -> int:
+            if not batch:
+                return 0
+            # RETURNING counts what was really inserted (executemany rowcount is not
+            # reliable across drivers).
+            stmt = _insert_ignore(conn, deliveries).returning(deliveries.c.id)
+            new = len(conn.execute(stmt, batch).all())
+            batch.clear()
+            return new
+
+        with self._tx() as conn:
+            for row in rows:
+                batch.append(
+                    {
+                        "campaign_id": campaign_id,
+                        "contact_id": row.contact_id,
+                        "channel": row.channel,
+                        "address": row.address,
+                        "domain": row.domain,
+                        "chunk": row.chunk,
+                        "state": State.PLANNED.value,
+                        "attempts": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+                if len(batch) >= _INSERT_BATCH:
+                    inserted += flush(conn)
+            inserted += flush(conn)
+        return inserted
+
+    def replace_rejections(self, campaign_id: int, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Store the targeting rejections of a campaign (replacing those of an earlier run)."""
+        payload = [
+            {
+                "campaign_id": campaign_id,
+                "line": r.get("line"),
+                "contact_id": r.get("contact_id"),
+                "address": (str(r["address"])[:400] if r.get("address") is not None else None),
+                "reason": str(r["reason"]),
+            }
+            for r in rows
+        ]
+        with self._tx() as conn:
+            conn.execute(rejections.delete().where(rejections.c.campaign_id == campaign_id))
+            for i in range(0, len(payload), _INSERT_BATCH):
+                conn.execute(rejections.insert(), payload[i : i + _INSERT_BATCH])
+        return len(payload)
+
+    def rejection_counts(self, campaign_id: int) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(rejections.c.reason, sa.func.count())
+                .where(rejections.c.campaign_id == campaign_id)
+                .group_by(rejections.c.reason)
+            ).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def chunks(self, campaign_id: int, *, pending_only: bool = False) -> list[int]:
+        query = sa.select(deliveries.c.chunk).where(deliveries.c.campaign_id == campaign_id)
+        if pending_only:
+            query = query.where(deliveries.c.state == State.PLANNED.value)
+        with self.engine.connect() as conn:
+            return [int(r[0]) for r in conn.execute(query.distinct().order_by(deliveries.c.chunk))]
+
+    # ---- claims and outcomes -------------------------------------------------------------
+
+    def expire_stale_claims(self, campaign_id: int | None = None) -> int:
+        """Claims whose lease ran out become ``uncertain``: never resent without a decision."""
+        now = utcnow()
+        cond = sa.and_(deliveries.c.state == State.CLAIMED.value, deliveries.c.lease_until < now)
+        if campaign_id is not None:
+            cond = sa.and_(cond, deliveries.c.campaign_id == campaign_id)
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(deliveries.c.id, deliveries.c.campaign_id).where(cond)
+            ).all()
+            if not rows:
+                return 0
+            ids = [r[0] for r in rows]
+            conn.execute(
+                deliveries.update()
+                .where(sa.and_(deliveries.c.id.in_(ids), deliveries.c.state == State.CLAIMED.value))
+                .values(state=State.UNCERTAIN.value, reason="lease_expired", updated_at=now)
+            )
+            conn.execute(
+                events.insert(),
+                [
+                    {
+                        "campaign_id": r[1],
+                        "delivery_id": r[0],
+                        "kind": "uncertain",
+                        "at": now,
+                        "source": "ledger",
+                        "data_json": json.dumps({"why": "claim lease expired without an outcome"}),
+                    }
+                    for r in rows
+                ],
+            )
+        return len(ids)
+
+    def claim_chunk(
+        self, campaign_id: int, chunk: int, *, worker: str, lease: timedelta = timedelta(minutes=30)
+    ) -> list[Claim]:
+        """Claim every sendable row of a chunk with one conditional UPDATE.
+
+        Only ``planned`` rows and ``deferred`` rows that are due are taken; a row claimed by
+        someone else is never taken, so two workers can never send the same delivery.
+        """
+        now = utcnow()
+        token = uuid.uuid4().hex
+        with self._tx() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.chunk == chunk,
+                        sa.or_(
+                            deliveries.c.state == State.PLANNED.value,
+                            sa.and_(
+                                deliveries.c.state == State.DEFERRED.value,
+                                deliveries.c.next_attempt_at <= now,
+                            ),
+                        ),
+                    )
+                )
+                .values(
+                    state=State.CLAIMED.value,
+                    worker=worker,
+                    claim_token=token,
+                    lease_until=now + lease,
+                    attempts=deliveries.c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            rows = conn.execute(
+                sa.select(
+                    deliveries.c.id,
+                    deliveries.c.contact_id,
+                    deliveries.c.address,
+                    deliveries.c.domain,
+                    deliveries.c.attempts,
+                )
+                .where(deliveries.c.claim_token == token)
+                .order_by(deliveries.c.domain, deliveries.c.id)
+            ).all()
+        return [
+            Claim(
+                delivery_id=int(r[0]),
+                campaign_id=campaign_id,
+                contact_id=str(r[1]),
+                address=str(r[2]),
+                domain=str(r[3]),
+                chunk=chunk,
+                attempt=int(r[4]),
+                token=token,
+            )
+            for r in rows
+        ]
+
+    def record(self, claim: Claim, outcome: Outcome, *, source: str = "smtp") -> bool:
+        """Write the outcome of a claimed delivery and its event, in one transaction.
+
+        Returns False when the claim is no longer ours (lease expired and the row was
+        marked uncertain meanwhile): the outcome is then kept as an event only.
+        """
+        if outcome.state not in SEND_OUTCOMES and outcome.state != State.UNCERTAIN:
+            raise LedgerError(f"{outcome.state} is not an outcome of a send attempt")
+        now = utcnow()
+        values: dict[str, Any] = {
+            "state": outcome.state.value,
+            "mx_host": outcome.mx_host,
+            "reply_code": outcome.reply_code,
+            "reply_status": outcome.reply_status,
+            "reply_text": outcome.reply_text,
+            "reason": outcome.reason,
+            "permanence": outcome.permanence,
+            "tls_version": outcome.tls_version,
+            "tls_cipher": outcome.tls_cipher,
+            "tls_level": outcome.tls_level,
+            "next_attempt_at": outcome.next_attempt_at,
+            "lease_until": None,
+            "updated_at": now,
+        }
+        if outcome.message_id is not None:
+            values["message_id"] = outcome.message_id
+        event_data = {k: v for k, v in asdict(outcome).items() if v is not None and k != "state"}
+        event_data["attempt"] = claim.attempt
+        with self._tx() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where(
+                    sa.and_(
+                        deliveries.c.id == claim.delivery_id,
+                        deliveries.c.state == State.CLAIMED.value,
+                        deliveries.c.claim_token == claim.token,
+                    )
+                )
+                .values(**values)
+            )
+            owned = result.rowcount == 1
+            if not owned:
+                event_data["late"] = True
+            conn.execute(
+                events.insert().values(
+                    campaign_id=claim.campaign_id,
+                    delivery_id=claim.delivery_id,
+                    kind=_EVENT_KIND[outcome.state],
+                    at=now,
+                    source=source,
+                    data_json=json.dumps(event_data, default=str, sort_keys=True),
+                )
+            )
+        return owned
+
+    def release(self, claims: Sequence[Claim]) -> int:
+        """Give back claims that were never attempted (no byte of the message left us)."""
+        if not claims:
+            return 0
+        now = utcnow()
+        released = 0
+        with self._tx() as conn:
+            for claim in claims:
+                result = conn.execute(
+                    deliveries.update()
+                    .where(
+                        sa.and_(
+                            deliveries.c.id == claim.delivery_id,
+                            deliveries.c.state == State.CLAIMED.value,
+                            deliveries.c.claim_token == claim.token,
+                        )
+                    )
+                    .values(
+                        state=State.PLANNED.value,
+                        worker=None,
+                        claim_token=None,
+                        lease_until=None,
+                        attempts=deliveries.c.attempts - 1,
+                        updated_at=now,
+                    )
+                )
+                released += result.rowcount
+        return released
+
+    def add_event(
+        self,
+        campaign_id: int,
+        kind: str,
+        *,
+        delivery_id: int | None = None,
+        source: str,
+        data: Mapping[str, Any] | None = None,
+        raw_ref: str | None = None,
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                events.insert().values(
+                    campaign_id=campaign_id,
+                    delivery_id=delivery_id,
+                    kind=kind,
+                    at=utcnow(),
+                    source=source,
+                    data_json=json.dumps(dict(data or {}), default=str, sort_keys=True),
+                    raw_ref=raw_ref,
+                )
+            )
+
+    # ---- suppressions -------------------------------------------------------------------
+
+    def add_suppression(
+        self, address: str, *, reason: str, source: str, campaign_id: int | None = None
+    ) -> bool:
+        key = address.strip().lower()
+        with self._tx() as conn:
+            result = conn.execute(
+                _insert_ignore(conn, suppressions)
+                .values(
+                    address=key,
+                    reason=reason,
+                    source=source,
+                    campaign_id=campaign_id,
+                    created_at=utcnow(),
+                )
+                .returning(suppressions.c.address)
+            )
+            return result.first() is not None
+
+    def suppressed_among(self, addresses: Iterable[str]) -> set[str]:
+        """The subset of ``addresses`` (compared case-insensitively) that is suppressed."""
+        keys = sorted({a.strip().lower() for a in addresses})
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 900):
+                part = keys[i : i + 900]
+                found.update(
+                    str(r[0])
+                    for r in conn.execute(
+                        sa.select(suppressions.c.address).where(suppressions.c.address.in_(part))
+                    )
+                )
+        return found
+
+    # ---- MX facts -----------------------------------------------------------------------
+
+    def get_mx_facts(self, mx_host: str) -> MXFacts | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(mx_facts).where(mx_facts.c.mx_host == mx_host)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return MXFacts(
+            mx_host=m["mx_host"],
+            starttls_offered=bool(m["starttls_offered"]),
+            ever_offered_starttls=bool(m["ever_offered_starttls"]),
+            tls_version=m["tls_version"],
+            tls_cipher=m["tls_cipher"],
+            tls_level=m["tls_level"],
+            cert_verdict=m["cert_verdict"],
+            checked_at=as_utc(m["checked_at"]) or utcnow(),
+            expires_at=as_utc(m["expires_at"]) or utcnow(),
+        )
+
+    def save_mx_facts(self, facts: MXFacts) -> None:
+        """Insert or update what an MX host offered; ``ever_offered_starttls`` only grows."""
+        previous = self.get_mx_facts(facts.mx_host)
+        values = asdict(facts)
+        if previous is not None:
+            values["ever_offered_starttls"] = (
+                previous.ever_offered_starttls or facts.ever_offered_starttls
+            )
+        with self._tx() as conn:
+            if previous is None:
+                try:
+                    conn.execute(mx_facts.insert().values(**values))
+                    return
+                except sa.exc.IntegrityError:
+                    pass
+            conn.execute(
+                mx_facts.update().where(mx_facts.c.mx_host == facts.mx_host).values(**values)
+            )
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def state_counts(self, campaign_id: int) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries.c.state, sa.func.count())
+                .where(deliveries.c.campaign_id == campaign_id)
+                .group_by(deliveries.c.state)
+            ).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def tls_mix(self, campaign_id: int) -> dict[str, int]:
+        """Accepted deliveries by negotiated TLS version (``none`` for cleartext)."""
+        version = sa.func.coalesce(deliveries.c.tls_version, "none")
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(version, sa.func.count())
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.state == State.ACCEPTED.value,
+                    )
+                )
+                .group_by(version)
+            ).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def domain_table(self, campaign_id: int) -> list[dict[str, Any]]:
+        """Per recipient domain: how many deliveries in each state."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries.c.domain, deliveries.c.state, sa.func.count())
+                .where(deliveries.c.campaign_id == campaign_id)
+                .group_by(deliveries.c.domain, deliveries.c.state)
+            ).all()
+        table: dict[str, dict[str, Any]] = {}
+        for domain, state, count in rows:
+            entry = table.setdefault(str(domain), {"domain": str(domain), "total": 0})
+            entry[str(state)] = int(count)
+            entry["total"] += int(count)
+        return sorted(table.values(), key=lambda e: (-int(e["total"]), str(e["domain"])))
+
+    def reply_reasons(self, campaign_id: int) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries.c.reason, sa.func.count())
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.reason.is_not(None),
+                    )
+                )
+                .group_by(deliveries.c.reason)
+            ).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def deliveries_of(self, campaign_id: int) -> list[dict[str, Any]]:
+        """Every delivery row of a campaign, as plain dicts (for checks and exports)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries)
+                .where(deliveries.c.campaign_id == campaign_id)
+                .order_by(deliveries.c.id)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def events_of(self, campaign_id: int, kind: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(events).where(events.c.campaign_id == campaign_id)
+        if kind is not None:
+            query = query.where(events.c.kind == kind)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(events.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+
+def _insert_ignore(conn: Connection, table: sa.Table) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    if conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    raise LedgerError(f"unsupported ledger database {conn.dialect.name!r}")
+
+
+def _campaign(m: Mapping[Any, Any]) -> Campaign:
+    return Campaign(
+        id=int(m["id"]),
+        name=str(m["name"]),
+        status=str(m["status"]),
+        sender=str(m["sender"]),
+        template_hash=str(m["template_hash"]),
+        params=json.loads(m["params_json"]),
+        counts=json.loads(m["counts_json"] or "{}"),
+        created_at=as_utc(m["created_at"]) or utcnow(),
+    )

@@ -1,0 +1,235 @@
+"""Campaign templates: a folder with ``template.toml`` and the body files.
+
+``template.toml``::
+
+    subject = "Il tuo estratto conto, {{ nome | default('cliente') }}"
+    preheader = "Disponibile nell'area riservata"   # optional
+    from_name = "Banca Esempio"                     # optional, may use placeholders
+    html = "body.html"                              # default body.html
+    text = "body.txt"                               # optional: derived from the HTML if absent
+
+Templates are user content: they run in Jinja2's ``SandboxedEnvironment`` with HTML
+autoescaping and strict undefined variables. ``default`` treats empty values as missing,
+so ``{{ nome | default('cliente') }}`` covers both absent columns and empty cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+from recapito.errors import TemplateError
+from recapito.render.text import html_to_text
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def _default(value: Any, default_value: Any = "", boolean: bool = True) -> Any:
+    if isinstance(value, jinja2.Undefined) or (boolean and value in (None, "")):
+        return default_value
+    return value
+
+
+def header_safe(value: str) -> str:
+    """Collapse CR, LF and other control characters: a placeholder can never add a header."""
+    return _CONTROL.sub(" ", value).strip()
+
+
+def _environment(autoescape: bool) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=autoescape,
+        keep_trailing_newline=True,
+    )
+    env.filters["default"] = _default
+    env.filters["d"] = _default
+    return env
+
+
+def _guarded(ast: nodes.Template) -> set[int]:
+    """ids of Name nodes used through ``default`` or tested with ``is defined``."""
+    guarded: set[int] = set()
+    for flt in ast.find_all(nodes.Filter):
+        if flt.name in ("default", "d") and isinstance(flt.node, nodes.Name):
+            guarded.add(id(flt.node))
+    for test in ast.find_all(nodes.Test):
+        if test.name in ("defined", "undefined") and isinstance(test.node, nodes.Name):
+            guarded.add(id(test.node))
+    return guarded
+
+
+def _required_names(env: SandboxedEnvironment, source: str) -> set[str]:
+    """Free variables the template uses at least once without a default."""
+    from jinja2 import meta
+
+    ast = env.parse(source)
+    free = meta.find_undeclared_variables(ast)
+    guarded = _guarded(ast)
+    return {
+        n.name
+        for n in ast.find_all(nodes.Name)
+        if n.ctx == "load" and n.name in free and id(n) not in guarded
+    }
+
+
+@dataclass(frozen=True)
+class RenderedMessage:
+    message_id: str
+    subject: str
+    data: bytes  # the whole message, CRLF line endings, ready for DATA
+
+
+@dataclass
+class CompiledTemplate:
+    name: str
+    path: Path
+    digest: str  # SHA-256 over every source file: identifies the template in the ledger
+    subject: jinja2.Template
+    preheader: jinja2.Template | None
+    from_name: jinja2.Template | None
+    html: jinja2.Template
+    text: jinja2.Template | None
+    variables: frozenset[str]  # variables the template needs (without defaults)
+
+    def check_variables(self, available: Iterable[str]) -> None:
+        """Fail before sending anything when the template needs a column the data lacks."""
+        missing = sorted(self.variables - set(available) - _BUILTINS)
+        if missing:
+            names = ", ".join(repr(m) for m in missing)
+            raise TemplateError(
+                f"template {self.name!r}: undefined placeholder {names}: not a contact column "
+                "(add the column, or give a default: {{ name | default('…') }})"
+            )
+
+    def render(
+        self,
+        context: Mapping[str, Any],
+        *,
+        sender: str,
+        recipient: str,
+        message_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> RenderedMessage:
+        values = {k: ("" if v is None else v) for k, v in context.items()}
+        try:
+            subject = header_safe(self.subject.render(values))
+            from_name = header_safe(self.from_name.render(values)) if self.from_name else ""
+            preheader = self.preheader.render(values) if self.preheader else ""
+            html = self.html.render({**values, "preheader": preheader})
+            text = self.text.render(values) if self.text else html_to_text(html)
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"template {self.name!r}: {exc}") from exc
+        msg = EmailMessage(policy=SMTP)
+        local, _, domain = sender.rpartition("@")
+        msg["From"] = Address(display_name=from_name, username=local, domain=domain)
+        msg["To"] = recipient
+        msg["Subject"] = subject
+        msg["Date"] = formatdate(localtime=False, usegmt=True)
+        msg["Message-ID"] = message_id
+        for key, value in (headers or {}).items():
+            msg[key] = header_safe(value)
+        msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+        return RenderedMessage(message_id=message_id, subject=subject, data=msg.as_bytes())
+
+
+_BUILTINS = frozenset({"preheader", "campaign", "range", "loop", "dict", "lipsum", "cycler"})
+
+
+def load_template(path: str | Path) -> CompiledTemplate:
+    """Read and compile a template folder (or its ``template.toml``)."""
+    root = Path(path)
+    meta_path = root / "template.toml" if root.is_dir() else root
+    root = meta_path.parent
+    name = root.name
+    try:
+        meta = tomllib.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TemplateError(f"template {str(path)!r}: no template.toml found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise TemplateError(f"template {str(meta_path)!r}: unreadable ({exc})") from exc
+    if not isinstance(meta.get("subject"), str) or not meta["subject"].strip():
+        raise TemplateError(f"template {name!r}: template.toml needs a non-empty 'subject'")
+
+    def read(key: str, default: str | None) -> str | None:
+        file_name = meta.get(key, default)
+        if file_name is None:
+            return None
+        file_path = root / str(file_name)
+        try:
+            return file_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"template {name!r}: cannot read {file_path} ({exc})") from exc
+
+    html_src = read("html", "body.html")
+    text_src = read("text", None)
+    assert html_src is not None
+    plain_env = _environment(autoescape=False)
+    html_env = _environment(autoescape=True)
+    sources = {
+        "subject": (plain_env, str(meta["subject"])),
+        "preheader": (plain_env, meta.get("preheader")),
+        "from_name": (plain_env, meta.get("from_name")),
+        "html": (html_env, html_src),
+        "text": (plain_env, text_src),
+    }
+    compiled: dict[str, jinja2.Template | None] = {}
+    required: set[str] = set()
+    digest = hashlib.sha256()
+    for key, (env, src) in sources.items():
+        if src is None:
+            compiled[key] = None
+            continue
+        if not isinstance(src, str):
+            raise TemplateError(f"template {name!r}: {key!r} must be a string")
+        digest.update(key.encode() + b"\0" + src.encode() + b"\0")
+        try:
+            required |= _required_names(env, src)
+            compiled[key] = env.from_string(src)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(
+                f"template {name!r}: syntax error in {key} line {exc.lineno}: {exc.message}"
+            ) from exc
+    html_t = compiled["html"]
+    subject_t = compiled["subject"]
+    assert html_t is not None and subject_t is not None
+    return CompiledTemplate(
+        name=name,
+        path=root,
+        digest=digest.hexdigest(),
+        subject=subject_t,
+        preheader=compiled["preheader"],
+        from_name=compiled["from_name"],
+        html=html_t,
+        text=compiled["text"],
+        variables=frozenset(required),
+    )
+
+
+def message_id_for(campaign: str, delivery_id: int, sender_domain: str) -> str:
+    """Deterministic Message-ID: the same delivery always carries the same id."""
+    tag = hashlib.sha256(f"{campaign}\0{delivery_id}".encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9-]", "-", campaign)[:40]
+    return f"<{safe}.{delivery_id}.{tag}@{sender_domain}>"
+
+
+__all__ = [
+    "CompiledTemplate",
+    "RenderedMessage",
+    "header_safe",
+    "load_template",
+    "message_id_for",
+]

@@ -1,0 +1,107 @@
+"""Campaign figures from the ledger, as data (CLI ``--json``) and as markdown (artifacts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recapito.errors import InputError
+from recapito.ledger import Ledger
+
+FUNNEL_STATES = ("accepted", "deferred", "failed", "insecure_channel", "uncertain")
+
+
+def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
+    campaign = ledger.get_campaign(name)
+    if campaign is None:
+        known = ", ".join(c.name for c in ledger.list_campaigns()[-10:]) or "none yet"
+        raise InputError(f"no campaign named {name!r} in the ledger (known: {known})")
+    states = ledger.state_counts(campaign.id)
+    counts = campaign.counts
+    targeted = sum(states.values())
+    pending = states.get("planned", 0) + states.get("claimed", 0)
+    funnel = {
+        "contacts": int(counts.get("contacts", targeted)),
+        "rejected": int(counts.get("rejected", 0)),
+        "filtered_out": int(counts.get("filtered_out", 0)),
+        "targeted": targeted,
+        **{s: states.get(s, 0) for s in FUNNEL_STATES},
+        "pending": pending,
+    }
+    return {
+        "campaign": campaign.name,
+        "status": campaign.status,
+        "sender": campaign.sender,
+        "created_at": campaign.created_at.isoformat(),
+        "funnel": funnel,
+        "states": states,
+        "rejections": ledger.rejection_counts(campaign.id),
+        "reasons": ledger.reply_reasons(campaign.id),
+        "tls_versions": ledger.tls_mix(campaign.id),
+        "domains": ledger.domain_table(campaign.id),
+    }
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "–"
+
+
+def funnel_markdown(report: dict[str, Any]) -> str:
+    f = report["funnel"]
+    lines = [
+        f"# Campaign `{report['campaign']}`",
+        "",
+        f"Status **{report['status']}** · sender `{report['sender']}`",
+        "",
+        "## Funnel",
+        "",
+        "| stage | recipients | share of targeted |",
+        "|---|---:|---:|",
+        f"| contacts read | {f['contacts']:,} | |",
+        f"| rejected at targeting | {f['rejected']:,} | |",
+        f"| excluded by filter | {f['filtered_out']:,} | |",
+        f"| targeted | {f['targeted']:,} | 100% |",
+    ]
+    for state in (*FUNNEL_STATES, "pending"):
+        lines.append(f"| {state} | {f[state]:,} | {_pct(f[state], f['targeted'])} |")
+    tls = report["tls_versions"]
+    accepted = sum(tls.values())
+    lines += [
+        "",
+        "## TLS on accepted messages",
+        "",
+        "| version | messages | share |",
+        "|---|---:|---:|",
+    ]
+    for version, n in sorted(tls.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {version} | {n:,} | {_pct(n, accepted)} |")
+    if report["rejections"]:
+        lines += ["", "## Rejected at targeting", "", "| reason | rows |", "|---|---:|"]
+        for reason, n in sorted(report["rejections"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {reason} | {n:,} |")
+    if report["reasons"]:
+        lines += ["", "## Not accepted, by reason", "", "| reason | deliveries |", "|---|---:|"]
+        for reason, n in sorted(report["reasons"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {reason} | {n:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def domain_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per recipient domain with a column per state (for a table artifact)."""
+    columns = ["domain", "total", "accepted", "deferred", "failed", "uncertain", "pending"]
+    rows = []
+    for entry in report["domains"]:
+        row = {c: entry.get(c, 0) for c in columns}
+        row["pending"] = entry.get("planned", 0) + entry.get("claimed", 0)
+        rows.append(row)
+    return rows
+
+
+def text_summary(report: dict[str, Any]) -> str:
+    f = report["funnel"]
+    tls = ", ".join(f"{k} {v:,}" for k, v in sorted(report["tls_versions"].items())) or "none"
+    return (
+        f"campaign {report['campaign']}: {f['contacts']:,} contacts, {f['rejected']:,} rejected, "
+        f"{f['filtered_out']:,} filtered out, {f['targeted']:,} targeted -> "
+        f"{f['accepted']:,} accepted, {f['deferred']:,} deferred, {f['failed']:,} failed, "
+        f"{f['uncertain']:,} uncertain, {f['pending']:,} pending; TLS: {tls}"
+    )

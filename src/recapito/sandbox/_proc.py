@@ -1,0 +1,54 @@
+"""Plumbing shared by the sandbox's child processes (MX servers and DNS server).
+
+A child is started as ``python -m recapito.sandbox.<module> '<json spec>'`` with its stdout
+connected to a pipe the parent reads: the child writes exactly one line there, ``READY`` once
+it listens or ``ERROR <reason>`` when it cannot, and then points stdout at /dev/null. Its
+stderr goes to a log file. A child also watches the PID of the process that started it and
+exits as soon as that process is gone, so a crashed test run or a killed supervisor never
+leaves servers behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+READY = "READY"
+ERROR = "ERROR"
+PARENT_POLL_SECONDS = 0.25
+
+
+def report(line: str) -> None:
+    """Send the one readiness line to the parent, then detach stdout from its pipe."""
+    try:
+        sys.stdout.write(line.replace("\n", " ") + "\n")
+        sys.stdout.flush()
+    except OSError:
+        pass  # the parent stopped listening; the watchdog will end this process
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def parent_gone(parent_pid: int) -> bool:
+    """True once the process that started us has exited (we were re-parented)."""
+    return os.getppid() != parent_pid
+
+
+async def watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if parent_gone(parent_pid):
+            logging.getLogger(__name__).warning("parent %d exited; stopping", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(PARENT_POLL_SECONDS)
+
+
+def configure_logging(name: str) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,720 @@
+"""Starting and stopping the sandbox: certificates, the DNS server and one process per MX server.
+
+``Sandbox`` owns the child processes it starts; used as a context manager (or with
+``start()``/``stop()``) it is what the tests use. ``recapito sandbox up`` runs one inside a
+detached supervisor process. Either way the running sandbox is described by two files in
+``$RECAPITO_HOME/sandbox``:
+
+- ``settings.json``: ``RECAPITO_DNS``, ``RECAPITO_MX_PORT``, ``RECAPITO_TLS_CA_FILE``, read by
+  ``recapito.config.Settings.load`` so the CLI and the flows talk to the sandbox;
+- ``state.json``: who owns the sandbox and the PID of every server (``SandboxState``).
+
+Every child watches the PID of its owner and exits when the owner is gone, so an owner killed
+with SIGKILL leaves nothing listening.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import recapito
+from recapito import config
+from recapito.errors import RecapitoError
+from recapito.sandbox import _proc, world
+from recapito.sandbox.certs import SandboxPKI, ensure_certificates
+from recapito.sandbox.dns import DNSProcessSpec, ZoneRecord, query
+from recapito.sandbox.maildir import StoredMessage, read_maildirs
+from recapito.sandbox.servers import MXProcessSpec
+
+__all__ = [
+    "DNS_ADDRESS",
+    "Sandbox",
+    "SandboxError",
+    "SandboxState",
+    "StoredMessage",
+    "read_maildirs",
+    "read_state",
+]
+
+DNS_ADDRESS = "127.0.0.1"
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+_BUSY = "busy"
+
+
+class SandboxError(RecapitoError):
+    """The sandbox cannot start, stop or be found (ports in use, a child died...)."""
+
+
+class _PortRace(SandboxError):
+    """A port chosen as free was taken before a child could bind it; worth another try."""
+
+
+@dataclass(frozen=True)
+class ServerState:
+    host: str
+    address: str
+    posture: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class SandboxState:
+    """The content of ``state.json``: enough to find, probe and stop a running sandbox."""
+
+    owner_pid: int
+    supervised: bool  # True when the owner is the ``sandbox up`` supervisor process
+    home: str
+    dns_address: str
+    dns_port: int
+    dns_pid: int
+    mx_port: int
+    catch_all: bool
+    ca_file: str
+    started_at: str
+    servers: tuple[ServerState, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxState:
+        data: dict[str, Any] = json.loads(text)
+        data["servers"] = tuple(ServerState(**s) for s in data["servers"])
+        return cls(**data)
+
+    @property
+    def child_pids(self) -> list[int]:
+        return [self.dns_pid, *(s.pid for s in self.servers)]
+
+
+def state_path(home: Path) -> Path:
+    return config.sandbox_dir(home) / "state.json"
+
+
+def read_state(home: Path) -> SandboxState | None:
+    """The recorded state of the sandbox under ``home``, or None if there is none (or garbage)."""
+    path = state_path(home)
+    try:
+        return SandboxState.from_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` is a live process (zombies count as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    fields = stat.rpartition(")")[2].split()
+    return not fields or fields[0] not in ("Z", "X")
+
+
+def is_sandbox_process(pid: int) -> bool:
+    """Guard against recycled PIDs: does ``pid`` run recapito's sandbox code?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no procfs to check with
+    return b"recapito.sandbox" in cmdline
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- ports ----------------------------------------------------------------------------------
+
+
+def tcp_port_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Same option asyncio and socketserver use, so TIME_WAIT leftovers do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def udp_port_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_port(kind: socket.SocketKind) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((DNS_ADDRESS, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def free_mx_port(addresses: Sequence[str]) -> int:
+    """A TCP port that is free on 127.0.0.1 and on every MX address."""
+    for _ in range(100):
+        port = _kernel_port(socket.SOCK_STREAM)
+        if all(tcp_port_free(a, port) for a in addresses):
+            return port
+    raise SandboxError("cannot find a TCP port free on every sandbox MX address")
+
+
+def free_dns_port(avoid: int = 0) -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(100):
+        port = _kernel_port(socket.SOCK_DGRAM)
+        if port != avoid and tcp_port_free(DNS_ADDRESS, port):
+            return port
+    raise SandboxError("cannot find a port free for DNS on 127.0.0.1 (UDP and TCP)")
+
+
+# -- probes ---------------------------------------------------------------------------------
+
+
+def probe_mx(address: str, port: int, timeout: float = 3.0) -> str | None:
+    """The 220 banner line of an MX server, or None if it does not answer with one."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            data = b""
+            deadline = time.monotonic() + timeout
+            while b"\r\n" not in data and time.monotonic() < deadline:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+            line = data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+            if not line.startswith("220"):
+                return None
+            try:
+                sock.sendall(b"QUIT\r\n")
+            except OSError:
+                pass
+            return line
+    except OSError:
+        return None
+
+
+def probe_dns(address: str, port: int, timeout: float = 2.0) -> bool:
+    """True if the sandbox DNS answers a question over UDP and accepts TCP connections."""
+    try:
+        reply = query(address, port, "sandbox.test", "TXT", timeout=timeout)
+        with socket.create_connection((address, port), timeout=timeout):
+            pass
+    except (OSError, ValueError):
+        return False
+    return bool(reply.header.aa)
+
+
+# -- the sandbox ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_file: IO[bytes]
+    server: world.MXServer | None  # None for the DNS server
+
+
+class Sandbox:
+    """The local mail world, started in child processes owned by this object.
+
+    ``mx_port``/``dns_port`` None means "pick free ports". ``extra_records`` are added to the DNS
+    zone (TXT for MTA-STS, TLSA for DANE...). ``supervisor`` marks the owner as the
+    ``sandbox up`` supervisor (recorded in ``state.json`` so ``sandbox down`` knows whom to stop).
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        mx_port: int | None = None,
+        dns_port: int | None = None,
+        catch_all: bool = False,
+        *,
+        extra_records: Sequence[ZoneRecord] = (),
+        supervisor: bool = False,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.catch_all = catch_all
+        self.extra_records = tuple(extra_records)
+        self.supervisor = supervisor
+        self.startup_timeout = startup_timeout
+        self._want_mx_port = mx_port or None
+        self._want_dns_port = dns_port or None
+        self._mx_port: int | None = self._want_mx_port
+        self._dns_port: int | None = self._want_dns_port
+        self._children: list[_Child] = []
+        self._pki: SandboxPKI | None = None
+        self._running = False
+
+    # -- paths and settings -----------------------------------------------------------------
+
+    @property
+    def sandbox_dir(self) -> Path:
+        return config.sandbox_dir(self.home)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.sandbox_dir / "ca.pem"
+
+    @property
+    def maildir_root(self) -> Path:
+        return self.sandbox_dir / "maildir"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.sandbox_dir / "logs"
+
+    @property
+    def settings_path(self) -> Path:
+        return config.sandbox_settings_path(self.home)
+
+    @property
+    def mx_port(self) -> int:
+        if self._mx_port is None:
+            raise SandboxError("the sandbox has not been started: no MX port chosen yet")
+        return self._mx_port
+
+    @property
+    def dns_port(self) -> int:
+        if self._dns_port is None:
+            raise SandboxError("the sandbox has not been started: no DNS port chosen yet")
+        return self._dns_port
+
+    @property
+    def dns_address(self) -> tuple[str, int]:
+        """(host, port) of the DNS server, the shape of ``config.Settings.dns``."""
+        return (DNS_ADDRESS, self.dns_port)
+
+    @property
+    def servers(self) -> tuple[world.MXServer, ...]:
+        return world.MX_SERVERS
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """PID of every child, by MX host name (and ``"dns"``)."""
+        return {child.name: child.process.pid for child in self._children}
+
+    def env(self) -> dict[str, str]:
+        """The three settings that point recapito at this sandbox."""
+        return {
+            "RECAPITO_DNS": f"{DNS_ADDRESS}:{self.dns_port}",
+            "RECAPITO_MX_PORT": str(self.mx_port),
+            "RECAPITO_TLS_CA_FILE": str(self.ca_file),
+        }
+
+    def messages(self) -> list[StoredMessage]:
+        """Everything the MX servers have stored so far."""
+        return read_maildirs(self.maildir_root)
+
+    def clear_maildirs(self) -> int:
+        """Delete the stored messages (keeping the folders); returns how many were removed."""
+        removed = 0
+        if not self.maildir_root.is_dir():
+            return 0
+        for domain in self.maildir_root.iterdir():
+            for sub in ("new", "cur"):
+                folder = domain / sub
+                if folder.is_dir():
+                    for entry in folder.iterdir():
+                        entry.unlink(missing_ok=True)
+                        removed += 1
+        return removed
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> Sandbox:
+        """Start everything and return once every server answers; raises SandboxError."""
+        if self._running:
+            return self
+        self.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        self._take_over_stale_state()
+        try:
+            self._pki = ensure_certificates(self.sandbox_dir)
+        except (OSError, ValueError) as exc:
+            raise SandboxError(f"cannot create sandbox certificates in {self.sandbox_dir}: {exc}")
+        self.maildir_root.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+        auto = self._want_mx_port is None or self._want_dns_port is None
+        for attempt in range(5 if auto else 1):
+            self._choose_ports()
+            try:
+                self._launch()
+                break
+            except _PortRace:
+                self._terminate_children()
+                if attempt == 4:
+                    raise
+            except BaseException:
+                self._terminate_children()
+                raise
+        self._running = True
+        try:
+            self._write_files()
+        except OSError as exc:
+            self.stop()
+            raise SandboxError(f"cannot write sandbox settings in {self.sandbox_dir}: {exc}") from exc
+        atexit.register(self._stop_at_exit)
+        return self
+
+    def stop(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL) and remove settings.json and state.json."""
+        self._terminate_children()
+        if self._running:
+            state = read_state(self.home)
+            if state is not None and state.owner_pid == os.getpid():
+                state_path(self.home).unlink(missing_ok=True)
+                self.settings_path.unlink(missing_ok=True)
+        self._running = False
+        atexit.unregister(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        try:
+            self.stop()
+        except Exception:  # at interpreter exit there is nobody left to tell
+            pass
+
+    def wait(self) -> None:
+        """Block until a child dies (returns) or the process gets a signal."""
+        while self._running and all(c.process.poll() is None for c in self._children):
+            time.sleep(0.5)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _take_over_stale_state(self) -> None:
+        state = read_state(self.home)
+        if state is None:
+            return
+        if pid_alive(state.owner_pid) and state.owner_pid != os.getpid():
+            raise SandboxError(
+                f"a sandbox is already running for {self.home} (owner pid {state.owner_pid}); "
+                "stop it first"
+            )
+        # Left behind by an owner that died: clear its children and its files.
+        kill_children(state)
+        state_path(self.home).unlink(missing_ok=True)
+        self.settings_path.unlink(missing_ok=True)
+
+    def _choose_ports(self) -> None:
+        addresses = [s.address for s in world.MX_SERVERS]
+        if self._want_mx_port is not None:
+            busy = [a for a in addresses if not tcp_port_free(a, self._want_mx_port)]
+            if busy:
+                raise SandboxError(
+                    f"MX port {self._want_mx_port} is already in use on {', '.join(busy)}"
+                )
+            self._mx_port = self._want_mx_port
+        else:
+            self._mx_port = free_mx_port(addresses)
+        if self._want_dns_port is not None:
+            port = self._want_dns_port
+            if not (udp_port_free(DNS_ADDRESS, port) and tcp_port_free(DNS_ADDRESS, port)):
+                raise SandboxError(f"DNS port {port} is already in use on {DNS_ADDRESS}")
+            self._dns_port = port
+        else:
+            self._dns_port = free_dns_port()
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Make sure the children import this very copy of recapito.
+        src = str(Path(recapito.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        return env
+
+    def _spawn(self, name: str, module: str, spec_json: str, server: world.MXServer | None) -> None:
+        log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, spec_json],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=self._child_env(),
+                cwd=self.sandbox_dir,
+            )
+        except OSError as exc:
+            log_file.close()
+            raise SandboxError(f"cannot start {name}: {exc}") from exc
+        self._children.append(_Child(name, process, log_file, server))
+
+    def _launch(self) -> None:
+        assert self._pki is not None
+        owner = os.getpid()
+        dns_spec = DNSProcessSpec(
+            address=DNS_ADDRESS,
+            port=self.dns_port,
+            parent_pid=owner,
+            catch_all=self.catch_all,
+            extra=tuple((r.name, r.rtype, r.value, r.ttl) for r in self.extra_records),
+        )
+        self._spawn("dns", "recapito.sandbox.dns", dns_spec.to_json(), None)
+        for server in world.MX_SERVERS:
+            pair = self._pki.leaves.get(server.host)
+            spec = MXProcessSpec(
+                host=server.host,
+                address=server.address,
+                posture=server.posture,
+                port=self.mx_port,
+                cert_file=str(pair.cert) if pair and server.posture != "plain" else None,
+                key_file=str(pair.key) if pair and server.posture != "plain" else None,
+                maildir_root=str(self.maildir_root),
+                parent_pid=owner,
+            )
+            self._spawn(server.host, "recapito.sandbox.servers", spec.to_json(), server)
+        self._await_ready(time.monotonic() + self.startup_timeout)
+        self._check_answers()
+
+    def _await_ready(self, deadline: float) -> None:
+        """Read each child's READY/ERROR line; raise on the first error or at the deadline."""
+        selector = selectors.DefaultSelector()
+        buffers: dict[str, bytes] = {}
+        for child in self._children:
+            assert child.process.stdout is not None
+            selector.register(child.process.stdout, selectors.EVENT_READ, child)
+            buffers[child.name] = b""
+        pending = {child.name for child in self._children}
+        errors: list[str] = []
+        races: list[str] = []
+        try:
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SandboxError(
+                        f"timed out after {self.startup_timeout:.0f}s waiting for "
+                        f"{', '.join(sorted(pending))} to start (see {self.log_dir})"
+                    )
+                for key, _ in selector.select(remaining):
+                    child: _Child = key.data
+                    chunk = os.read(key.fd, 4096)
+                    buffers[child.name] += chunk
+                    if chunk and b"\n" not in buffers[child.name]:
+                        continue
+                    selector.unregister(key.fileobj)
+                    pending.discard(child.name)
+                    line = buffers[child.name].split(b"\n", 1)[0].decode("utf-8", "replace")
+                    if line == _proc.READY:
+                        continue
+                    if line.startswith(f"{_proc.ERROR} {_BUSY} "):
+                        races.append(line.removeprefix(f"{_proc.ERROR} {_BUSY} "))
+                    elif line.startswith(_proc.ERROR):
+                        errors.append(line.removeprefix(_proc.ERROR).strip())
+                    else:
+                        errors.append(f"{child.name} exited at start-up: {self._log_tail(child)}")
+                if errors:
+                    raise SandboxError(errors[0])
+        finally:
+            selector.close()
+            for child in self._children:
+                if child.process.stdout is not None:
+                    child.process.stdout.close()
+        if races:
+            if self._want_mx_port is None or self._want_dns_port is None:
+                raise _PortRace(races[0])
+            raise SandboxError(races[0])
+
+    def _log_tail(self, child: _Child) -> str:
+        try:
+            lines = (self.log_dir / f"{child.name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        return lines[-1] if lines else f"exit status {child.process.poll()}"
+
+    def _check_answers(self) -> None:
+        """Every MX server must greet with 220 and the DNS server must answer."""
+        for server in world.MX_SERVERS:
+            if probe_mx(server.address, self.mx_port) is None:
+                raise SandboxError(
+                    f"{server.host} ({server.address}:{self.mx_port}) does not greet with 220"
+                )
+        if not probe_dns(DNS_ADDRESS, self.dns_port):
+            raise SandboxError(f"the sandbox DNS on {DNS_ADDRESS}:{self.dns_port} does not answer")
+
+    def _write_files(self) -> None:
+        settings = self.env()
+        _atomic_write_text(self.settings_path, json.dumps(settings, indent=2) + "\n")
+        by_name = {child.name: child.process.pid for child in self._children}
+        state = SandboxState(
+            owner_pid=os.getpid(),
+            supervised=self.supervisor,
+            home=str(self.home),
+            dns_address=DNS_ADDRESS,
+            dns_port=self.dns_port,
+            dns_pid=by_name["dns"],
+            mx_port=self.mx_port,
+            catch_all=self.catch_all,
+            ca_file=str(self.ca_file),
+            started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            servers=tuple(
+                ServerState(s.host, s.address, s.posture, by_name[s.host]) for s in world.MX_SERVERS
+            ),
+        )
+        _atomic_write_text(state_path(self.home), state.to_json() + "\n")
+
+    def _terminate_children(self) -> None:
+        children, self._children = self._children, []
+        for child in children:
+            if child.process.poll() is None:
+                try:
+                    child.process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+            if child.process.stdout is not None:
+                child.process.stdout.close()
+            child.log_file.close()
+
+
+def kill_children(state: SandboxState, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop the server processes a state file lists (when they are still sandbox processes)."""
+    victims = [p for p in state.child_pids if pid_alive(p) and is_sandbox_process(p)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    _wait_gone(victims, timeout)
+    for pid in victims:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _wait_gone(victims, 1.0)
+
+
+def _wait_gone(pids: Sequence[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(pid_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return not any(pid_alive(p) for p in pids)
+
+
+def stop_running(home: Path, timeout: float = 15.0) -> SandboxState | None:
+    """Stop the sandbox recorded under ``home``; return its state, or None if none was running.
+
+    A supervised sandbox is asked to stop through its supervisor (SIGTERM), which stops its
+    children; a sandbox owned by some other program (a test run) only loses its servers.
+    Leftover files are removed either way.
+    """
+    state = read_state(home)
+    if state is None:
+        config.sandbox_settings_path(home).unlink(missing_ok=True)
+        return None
+    owner = state.owner_pid
+    if state.supervised and pid_alive(owner) and is_sandbox_process(owner):
+        try:
+            os.kill(owner, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not _wait_gone([owner], timeout):
+            try:
+                os.kill(owner, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    kill_children(state)
+    state_path(home).unlink(missing_ok=True)
+    config.sandbox_settings_path(home).unlink(missing_ok=True)
+    return state
+
+
+def describe(home: Path) -> dict[str, Any]:
+    """What ``sandbox status`` reports: each server's address, posture and whether it answers."""
+    state = read_state(home)
+    running = state is not None and pid_alive(state.owner_pid)
+    port = state.mx_port if state is not None else None
+    pids = {s.host: s.pid for s in state.servers} if state is not None else {}
+    servers = []
+    for server in world.MX_SERVERS:
+        up = bool(running and port is not None and probe_mx(server.address, port, timeout=2.0))
+        servers.append(
+            {
+                "host": server.host,
+                "address": server.address,
+                "port": port,
+                "posture": server.posture,
+                "pid": pids.get(server.host),
+                "up": up,
+            }
+        )
+    dns: dict[str, Any] = {"address": None, "port": None, "pid": None, "up": False}
+    if state is not None:
+        dns = {
+            "address": state.dns_address,
+            "port": state.dns_port,
+            "pid": state.dns_pid,
+            "up": bool(running and probe_dns(state.dns_address, state.dns_port)),
+        }
+    return {
+        "running": running,
+        "home": str(home),
+        "owner_pid": state.owner_pid if state is not None else None,
+        "supervised": state.supervised if state is not None else None,
+        "catch_all": state.catch_all if state is not None else None,
+        "mx_port": port,
+        "ca_file": state.ca_file if state is not None else None,
+        "started_at": state.started_at if state is not None else None,
+        "dns": dns,
+        "servers": servers,
+    }
+
+
+def busy_error(exc: OSError) -> bool:
+    return exc.errno == errno.EADDRINUSE

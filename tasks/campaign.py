@@ -1,0 +1,86 @@
+"""Campaign tasks: each calls one core function; retries only on transient errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy.exc
+from prefect import Task, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from recapito import campaign as core
+from recapito.config import Settings
+from recapito.errors import TransientError
+from recapito.ledger import Ledger
+from recapito.report import campaign_report
+
+
+def transient_only(task_: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry on network and database hiccups, never on bad input or a bad template."""
+    try:
+        state.result()
+    except (TransientError, OSError, TimeoutError, sqlalchemy.exc.OperationalError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def chunk_cache_key(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """campaign:channel:chunk:template-hash, where the campaign is identified by its ledger row.
+
+    The ledger row id and creation time are part of the key so that a fresh ledger (a new
+    database, a test run) never inherits the cached results of another one.
+    """
+    params: core.CampaignParams = parameters["params"]
+    return (
+        f"recapito:{params.name}:{parameters['campaign_key']}:email:"
+        f"{parameters['chunk']}:{parameters['template_hash']}"
+    )
+
+
+@task(name="target-and-plan", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
+def prepare_campaign(params: core.CampaignParams) -> dict[str, Any]:
+    prepared = core.prepare(params, Settings.load())
+    ledger = Ledger(Settings.load().db_url, run_migrations=False)
+    try:
+        campaign = ledger.campaign_by_id(prepared.campaign_id)
+    finally:
+        ledger.close()
+    return {
+        "campaign_id": prepared.campaign_id,
+        "campaign_key": f"{campaign.id}@{campaign.created_at.isoformat()}",
+        "chunks": prepared.chunks,
+        "counts": prepared.counts,
+        "template_hash": prepared.template_hash,
+        "audience_path": prepared.audience_path,
+    }
+
+
+@task(
+    name="deliver-chunk",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient_only,
+    cache_key_fn=chunk_cache_key,
+    persist_result=True,
+    task_run_name="deliver-chunk-{chunk}",
+)
+def deliver_chunk(
+    params: core.CampaignParams, chunk: int, campaign_key: str, template_hash: str
+) -> dict[str, Any]:
+    return core.deliver_chunk(params, chunk, Settings.load())
+
+
+@task(name="campaign-report", retries=2, retry_condition_fn=transient_only)
+def build_report(name: str, status: str | None = None) -> dict[str, Any]:
+    ledger = Ledger(Settings.load().db_url, run_migrations=False)
+    try:
+        campaign = ledger.get_campaign(name)
+        if campaign is not None and status is not None:
+            ledger.update_campaign(campaign.id, status=status)
+        return campaign_report(ledger, name)
+    finally:
+        ledger.close()
