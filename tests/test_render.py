@@ -130,3 +130,29 @@ def test_demo_template_renders() -> None:
     tpl.check_variables(ctx)
     out = tpl.render(ctx, sender="c@banca.test", recipient="anna@x.test", message_id="<1@b>")
     assert len(out.data) > 2000
+
+
+def test_mime_headers_round_trip_through_the_standard_parser(tmp_path: Path) -> None:
+    long_subject = "Aggiornamento importante sul tuo conto corrente " * 3 + "{{ nome }}"
+    root = _template(tmp_path, long_subject, "<p>{{ corpo }}</p>", from_name="{{ ditta }}")
+    corpo = "riga lunghissima " * 40 + "\n.punto a inizio riga\nfine € è"
+    msg = _render(
+        root, {"nome": "Niccolò Àlvarez 😀", "ditta": 'Banca "Sicura", S.p.A.', "corpo": corpo}
+    )
+    assert msg["Subject"] == long_subject.replace("{{ nome }}", "Niccolò Àlvarez 😀")
+    sender = msg["From"].addresses[0]
+    assert sender.display_name == 'Banca "Sicura", S.p.A.' and sender.addr_spec == "news@bank.test"
+    assert msg.get_content_type() == "multipart/alternative"
+    html = msg.get_body(("html",))
+    assert html is not None and html["Content-Transfer-Encoding"] == "quoted-printable"
+    assert "fine € è" in html.get_content() and "riga lunghissima " * 40 in html.get_content()
+
+
+def test_every_wire_line_is_short_and_ascii(tmp_path: Path) -> None:
+    root = _template(tmp_path, "Oggetto {{ nome }}", "<p>{{ nome }}</p>" * 50)
+    tpl = load_template(root)
+    out = tpl.render(
+        {"nome": "Ünïcödé " * 30}, sender="a@b.test", recipient="c@d.test", message_id="<m@b.test>"
+    )
+    for line in out.data.split(b"\r\n"):
+        assert len(line) <= 78 and line.isascii()

@@ -9,6 +9,7 @@ name. One connection therefore yields both the L2 and the L3 facts.
 from __future__ import annotations
 
 import ssl
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 
 LEGACY_VERSIONS = frozenset({"SSLv3", "TLSv1", "TLSv1.1"})
@@ -60,7 +62,10 @@ def trust_store(extra_ca_file: Path | None) -> verification.Store:
         paths.append(str(extra_ca_file))
     for path in paths:
         if path and Path(path).is_file():
-            certs.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+            with warnings.catch_warnings():
+                # system bundles carry a few old roots with non-positive serial numbers
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                certs.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
     return verification.Store(certs)
 
 
@@ -98,10 +103,11 @@ def certificate_verdict(
         )
         verifier.verify(leaf, intermediates)
     except verification.VerificationError as exc:
-        text = str(exc).lower()
-        if "san" in text or "name" in text or "subject" in text:
+        # the message names the failed check before "(encountered processing ...)"
+        text = str(exc).split("(encountered", 1)[0].lower()
+        if "subjectaltname" in text:
             return "certificate-host-mismatch"
-        if "expired" in text or "validity" in text:
+        if "not valid at validation time" in text:
             return "certificate-expired"
         return "certificate-not-trusted"
     except ValueError:

@@ -157,6 +157,43 @@ _EVENT_KIND = {
 }
 
 
+# Statements on the per-reply hot path, built once (building them costs more than running them).
+_RECORD_OUTCOME = (
+    deliveries.update()
+    .where(
+        sa.and_(
+            deliveries.c.id == sa.bindparam("b_id"),
+            deliveries.c.state == State.CLAIMED.value,
+            deliveries.c.claim_token == sa.bindparam("b_token"),
+        )
+    )
+    .values(
+        {
+            name: sa.func.coalesce(sa.bindparam(name), deliveries.c.message_id)
+            if name == "message_id"
+            else sa.bindparam(name)
+            for name in (
+                "state",
+                "mx_host",
+                "reply_code",
+                "reply_status",
+                "reply_text",
+                "reason",
+                "permanence",
+                "tls_version",
+                "tls_cipher",
+                "tls_level",
+                "next_attempt_at",
+                "lease_until",
+                "updated_at",
+                "message_id",
+            )
+        }
+    )
+)
+_INSERT_EVENT = events.insert()
+
+
 class Ledger:
     def __init__(self, url: str, *, run_migrations: bool = True) -> None:
         self.url = url
@@ -425,6 +462,8 @@ class Ledger:
             raise LedgerError(f"{outcome.state} is not an outcome of a send attempt")
         now = utcnow()
         values: dict[str, Any] = {
+            "b_id": claim.delivery_id,
+            "b_token": claim.token,
             "state": outcome.state.value,
             "mx_host": outcome.mx_host,
             "reply_code": outcome.reply_code,
@@ -438,35 +477,25 @@ class Ledger:
             "next_attempt_at": outcome.next_attempt_at,
             "lease_until": None,
             "updated_at": now,
+            "message_id": outcome.message_id,
         }
-        if outcome.message_id is not None:
-            values["message_id"] = outcome.message_id
         event_data = {k: v for k, v in asdict(outcome).items() if v is not None and k != "state"}
         event_data["attempt"] = claim.attempt
         with self._tx() as conn:
-            result = conn.execute(
-                deliveries.update()
-                .where(
-                    sa.and_(
-                        deliveries.c.id == claim.delivery_id,
-                        deliveries.c.state == State.CLAIMED.value,
-                        deliveries.c.claim_token == claim.token,
-                    )
-                )
-                .values(**values)
-            )
-            owned = result.rowcount == 1
+            owned = conn.execute(_RECORD_OUTCOME, values).rowcount == 1
             if not owned:
                 event_data["late"] = True
             conn.execute(
-                events.insert().values(
-                    campaign_id=claim.campaign_id,
-                    delivery_id=claim.delivery_id,
-                    kind=_EVENT_KIND[outcome.state],
-                    at=now,
-                    source=source,
-                    data_json=json.dumps(event_data, default=str, sort_keys=True),
-                )
+                _INSERT_EVENT,
+                {
+                    "campaign_id": claim.campaign_id,
+                    "delivery_id": claim.delivery_id,
+                    "kind": _EVENT_KIND[outcome.state],
+                    "at": now,
+                    "source": source,
+                    "data_json": json.dumps(event_data, default=str, sort_keys=True),
+                    "raw_ref": None,
+                },
             )
         return owned
 

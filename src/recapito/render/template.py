@@ -20,9 +20,6 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,10 @@ from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from recapito.errors import TemplateError
-from recapito.render.text import html_to_text
+from recapito.render.mime import alternative_message, mailbox, unstructured
+from recapito.render.text import html_template_to_text_template, html_to_text
 
+_BLANK_RUNS = re.compile(r"\n\s*\n(\s*\n)+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 
 
@@ -129,21 +128,25 @@ class CompiledTemplate:
             from_name = header_safe(self.from_name.render(values)) if self.from_name else ""
             preheader = self.preheader.render(values) if self.preheader else ""
             html = self.html.render({**values, "preheader": preheader})
-            text = self.text.render(values) if self.text else html_to_text(html)
+            if self.text is not None:
+                text = _BLANK_RUNS.sub("\n\n", self.text.render({**values, "preheader": preheader}))
+            else:
+                text = html_to_text(html)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {self.name!r}: {exc}") from exc
-        msg = EmailMessage(policy=SMTP)
-        local, _, domain = sender.rpartition("@")
-        msg["From"] = Address(display_name=from_name, username=local, domain=domain)
-        msg["To"] = recipient
-        msg["Subject"] = subject
-        msg["Date"] = formatdate(localtime=False, usegmt=True)
-        msg["Message-ID"] = message_id
-        for key, value in (headers or {}).items():
-            msg[key] = header_safe(value)
-        msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        return RenderedMessage(message_id=message_id, subject=subject, data=msg.as_bytes())
+        sender_domain = sender.rpartition("@")[2]
+        lines = [
+            mailbox("From", from_name, sender),
+            f"To: {header_safe(recipient)}",
+            unstructured("Subject", subject),
+            f"Date: {formatdate(localtime=False, usegmt=True)}",
+            f"Message-ID: {header_safe(message_id)}",
+        ]
+        lines.extend(
+            unstructured(key, header_safe(value)) for key, value in (headers or {}).items()
+        )
+        data = alternative_message(lines, text, html, seed=f"{message_id}{sender_domain}")
+        return RenderedMessage(message_id=message_id, subject=subject, data=data)
 
 
 _BUILTINS = frozenset({"preheader", "campaign", "range", "loop", "dict", "lipsum", "cycler"})
@@ -203,6 +206,13 @@ def load_template(path: str | Path) -> CompiledTemplate:
             raise TemplateError(
                 f"template {name!r}: syntax error in {key} line {exc.lineno}: {exc.message}"
             ) from exc
+    if compiled["text"] is None:
+        # no text part given: derive one from the HTML template, once; if the derived
+        # source does not compile (a '<' inside a Jinja expression), convert per message
+        try:
+            compiled["text"] = plain_env.from_string(html_template_to_text_template(html_src))
+        except jinja2.TemplateSyntaxError:
+            compiled["text"] = None
     html_t = compiled["html"]
     subject_t = compiled["subject"]
     assert html_t is not None and subject_t is not None
