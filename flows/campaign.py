@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -16,7 +18,46 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from recapito.campaign import CampaignParams
 from recapito.report import domain_rows, funnel_markdown, text_summary
-from tasks.campaign import build_report, deliver_chunk, prepare_campaign
+from tasks.campaign import build_report, deliver_chunk, due_retries, prepare_campaign
+
+
+def _deliver(
+    params: CampaignParams,
+    prepared: dict[str, Any],
+    chunks: list[int],
+    round_: int,
+    progress: UUID | None,
+) -> None:
+    """Run chunk tasks with at most ``parallel_chunks`` in flight."""
+    logger = get_run_logger()
+    pending: list[PrefectFuture[dict[str, Any]]] = []
+    queue = list(chunks)
+    done = 0
+    while queue or pending:
+        while queue and len(pending) < params.parallel_chunks:
+            pending.append(
+                deliver_chunk.submit(
+                    params,
+                    queue.pop(0),
+                    prepared["campaign_key"],
+                    prepared["template_hash"],
+                    round_,
+                )
+            )
+        finished, not_done = wait(pending, timeout=1.0)
+        for future in finished:
+            result = future.result()
+            done += 1
+            logger.info(
+                "chunk %s (round %s): %s claimed, outcomes %s",
+                result.get("chunk"),
+                round_,
+                result.get("claimed"),
+                result.get("outcomes"),
+            )
+        pending = list(not_done)
+        if finished and progress is not None:
+            update_progress_artifact(progress, progress=100.0 * done / len(chunks))
 
 
 def _artifact_key(name: str) -> str:
@@ -45,31 +86,23 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
     progress = create_progress_artifact(
         progress=0.0, key=f"{_artifact_key(params.name)}-progress", description="chunks delivered"
     )
-    # keep at most parallel_chunks chunk tasks in flight
-    pending: list[PrefectFuture[dict[str, Any]]] = []
-    done = 0
-    queue = list(chunks)
-    while queue or pending:
-        while queue and len(pending) < params.parallel_chunks:
-            chunk = queue.pop(0)
-            pending.append(
-                deliver_chunk.submit(
-                    params, chunk, prepared["campaign_key"], prepared["template_hash"]
-                )
-            )
-        finished, not_done = wait(pending, timeout=1.0)
-        for future in finished:
-            result = future.result()
-            done += 1
-            logger.info(
-                "chunk %s: %s claimed, outcomes %s",
-                result.get("chunk"),
-                result.get("claimed"),
-                result.get("outcomes"),
-            )
-        pending = list(not_done)
-        if finished:
-            update_progress_artifact(progress, progress=100.0 * done / len(chunks))
+    _deliver(params, prepared, chunks, 0, progress)
+    # greylisting and other 4xx: retry inside this run while the window allows
+    deadline = time.monotonic() + params.retry_within_run_seconds
+    round_ = 0
+    while params.retry_within_run_seconds and time.monotonic() < deadline:
+        due = due_retries(params, deadline - time.monotonic())
+        if not due["chunks"]:
+            break
+        round_ += 1
+        logger.info(
+            "retry round %s: %s chunks with deferred mail, due in %.1f s",
+            round_,
+            len(due["chunks"]),
+            due["wait_seconds"],
+        )
+        time.sleep(due["wait_seconds"])
+        _deliver(params, prepared, due["chunks"], round_, None)
     report = build_report(params.name, status="delivered")
     key = _artifact_key(params.name)
     create_markdown_artifact(funnel_markdown(report), key=key, description="campaign funnel")

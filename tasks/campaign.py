@@ -29,7 +29,7 @@ def transient_only(task_: Task[..., Any], task_run: TaskRun, state: State[Any]) 
 
 
 def chunk_cache_key(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """campaign:channel:chunk:template-hash, where the campaign is identified by its ledger row.
+    """campaign:channel:chunk:template-hash (+ retry round), the campaign being its ledger row.
 
     The ledger row id and creation time are part of the key so that a fresh ledger (a new
     database, a test run) never inherits the cached results of another one.
@@ -37,7 +37,7 @@ def chunk_cache_key(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
     params: core.CampaignParams = parameters["params"]
     return (
         f"recapito:{params.name}:{parameters['campaign_key']}:email:"
-        f"{parameters['chunk']}:{parameters['template_hash']}"
+        f"{parameters['chunk']}:{parameters['template_hash']}:round{parameters['round']}"
     )
 
 
@@ -66,12 +66,18 @@ def prepare_campaign(params: core.CampaignParams) -> dict[str, Any]:
     retry_condition_fn=transient_only,
     cache_key_fn=chunk_cache_key,
     persist_result=True,
-    task_run_name="deliver-chunk-{chunk}",
+    task_run_name="deliver-chunk-{chunk}-round-{round}",
 )
 def deliver_chunk(
-    params: core.CampaignParams, chunk: int, campaign_key: str, template_hash: str
+    params: core.CampaignParams, chunk: int, campaign_key: str, template_hash: str, round: int
 ) -> dict[str, Any]:
+    """Send one chunk. Round 0 is the first pass; later rounds retry its deferred mail."""
     return core.deliver_chunk(params, chunk, Settings.load())
+
+
+@task(name="due-retries", retries=2, retry_condition_fn=transient_only)
+def due_retries(params: core.CampaignParams, within_seconds: float) -> dict[str, Any]:
+    return core.due_retries(params, Settings.load(), within_seconds)
 
 
 @task(name="campaign-report", retries=2, retry_condition_fn=transient_only)

@@ -93,7 +93,7 @@ def test_syntax_error_names_template_and_line(tmp_path: Path) -> None:
 
 
 def test_missing_template_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(TemplateError, match="no template.toml"):
+    with pytest.raises(TemplateError, match=r"no template\.toml"):
         load_template(tmp_path / "nope")
 
 

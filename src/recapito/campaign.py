@@ -13,6 +13,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ import polars as pl
 from pydantic import BaseModel, Field, field_validator
 
 from recapito.config import Settings
-from recapito.contacts.mapping import ColumnMapping
 from recapito.contacts.sources import ContactSource, load
 from recapito.contacts.targeting import target
 from recapito.delivery.dns import MXResolver
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun
 from recapito.errors import InputError
 from recapito.ledger import Claim, Ledger, PlannedDelivery
+from recapito.ledger.store import utcnow
 from recapito.render.template import (
     CompiledTemplate,
     RenderedMessage,
@@ -53,6 +54,16 @@ class CampaignParams(BaseModel):
     parallel_chunks: int = Field(4, ge=1, le=64, description="Chunk tasks running at once")
     connections_per_host: int = Field(4, ge=1, le=50, description="Connections per MX host")
     messages_per_connection: int = Field(200, ge=1, le=10_000)
+    retry_after_seconds: int = Field(
+        300, ge=0, le=86_400, description="First retry of deferred mail (4xx, greylisting)"
+    )
+    retry_within_run_seconds: int = Field(
+        0,
+        ge=0,
+        le=3_600,
+        description="How long this run itself waits to retry deferred mail; later retries "
+        "are left to the retry-deferred flow",
+    )
 
     @field_validator("name")
     @classmethod
@@ -93,31 +104,20 @@ def _source(params: CampaignParams) -> ContactSource:
     if "://" in params.contacts:
         if not params.query:
             raise InputError(f"contacts {params.contacts!r} is a database URL: give --query too")
-        return ContactSource(kind="sql", url=params.contacts, query=params.query)
-    path = Path(params.contacts)
-    source = ContactSource.from_path(path)
-    if params.encoding or params.delimiter:
-        source = (
-            source.model_copy(update={"encoding": params.encoding, "delimiter": params.delimiter})
-            if hasattr(source, "model_copy")
-            else ContactSource(
-                kind=source.kind,
-                path=source.path,
-                encoding=params.encoding,
-                delimiter=params.delimiter,
-            )
-        )
-    return source
+        return ContactSource.from_sql(params.contacts, params.query)
+    return ContactSource.from_path(
+        Path(params.contacts), encoding=params.encoding, delimiter=params.delimiter
+    )
 
 
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
     """Target, check the template against the data, plan the ledger rows."""
     template = load_template(params.template)  # fails before anything else on a bad template
     loaded = load(_source(params))
-    mapping = ColumnMapping.parse(params.mapping, loaded.frame.columns)
     ledger = Ledger(settings.db_url)
     try:
-        targeted = target(loaded.frame, mapping, params.filter, ledger.suppressed_among)
+        # given the whole Loaded, target() also counts the unreadable rows as rejections
+        targeted = target(loaded, params.mapping, params.filter, ledger.suppressed_among)
         audience = targeted.audience
         template.check_variables(audience.columns)
         campaign = ledger.ensure_campaign(
@@ -147,11 +147,13 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             ).iter_rows()
         )
         new_rows = ledger.plan(campaign.id, planned)
-        rejected = loaded_rejections(loaded.rejected, targeted.rejected)
-        ledger.replace_rejections(campaign.id, rejected)
-        counts = dict(targeted.counts)
-        counts["rejected"] = len(rejected)
-        counts["contacts"] = int(targeted.counts.get("contacts", 0)) + len(loaded.rejected)
+        ledger.replace_rejections(
+            campaign.id,
+            targeted.rejected.select("line", "contact_id", "address", "reason").to_dicts(),
+        )
+        # the rows refused, with line numbers and reasons, for whoever fixes the source
+        targeted.rejected.write_csv(out / "rejected.csv")
+        counts: dict[str, Any] = dict(targeted.counts)
         counts["planned_new"] = new_rows
         ledger.update_campaign(campaign.id, status="planned", counts=counts)
         chunks = ledger.chunks(campaign.id)
@@ -165,16 +167,6 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
         audience_path=str(audience_path),
         template_hash=template.digest,
     )
-
-
-def loaded_rejections(load_rejects: Any, target_rejects: pl.DataFrame) -> list[dict[str, Any]]:
-    """Rows refused while reading the file plus rows refused while targeting."""
-    rows: list[dict[str, Any]] = [
-        {"line": r.line, "contact_id": None, "address": None, "reason": r.reason}
-        for r in load_rejects
-    ]
-    rows.extend(target_rejects.select("line", "contact_id", "address", "reason").to_dicts())
-    return rows
 
 
 def _worker_name() -> str:
@@ -223,6 +215,7 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
             extra_ca_file=settings.tls_ca_file,
             connections_per_host=params.connections_per_host,
             messages_per_connection=params.messages_per_connection,
+            retry_after=timedelta(seconds=params.retry_after_seconds),
         )
         run = DeliveryRun(
             ledger, options, chunk_renderer(template, audience, params), MXResolver(settings.dns)
@@ -231,3 +224,21 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
     finally:
         ledger.close()
     return {"chunk": chunk, "claimed": len(claims), **stats.as_dict()}
+
+
+def due_retries(
+    params: CampaignParams, settings: Settings, within_seconds: float
+) -> dict[str, Any]:
+    """Chunks holding deferred deliveries due within ``within_seconds``, and the wait."""
+    ledger = Ledger(settings.db_url, run_migrations=False)
+    try:
+        campaign = ledger.get_campaign(params.name)
+        if campaign is None:
+            raise InputError(f"campaign {params.name!r} is not prepared")
+        chunks, earliest = ledger.due_deferred(campaign.id, timedelta(seconds=within_seconds))
+    finally:
+        ledger.close()
+    wait = 0.0
+    if earliest is not None:
+        wait = max(0.0, (earliest - utcnow()).total_seconds())
+    return {"chunks": chunks, "wait_seconds": wait}

@@ -14,7 +14,9 @@ from typing import Any
 
 import click
 
+from recapito.contacts.cli import contacts, demo_data
 from recapito.errors import RecapitoError
+from recapito.sandbox.cli import sandbox
 
 
 class _Group(click.Group):
@@ -29,14 +31,6 @@ class _Group(click.Group):
 @click.version_option(package_name="recapito")
 def main() -> None:
     """Secure, provable campaign delivery."""
-
-
-def _register_optional() -> None:
-    from recapito.contacts.cli import demo_data
-    from recapito.sandbox.cli import sandbox
-
-    main.add_command(sandbox)
-    main.add_command(demo_data, name="demo-data")
 
 
 @main.group(cls=_Group)
@@ -65,6 +59,20 @@ def prefect_environment(home: Path) -> None:
 @click.option("--delimiter", default=None, help="CSV delimiter (detected when omitted).")
 @click.option("--chunk-size", default=1000, show_default=True, type=int)
 @click.option("--parallel-chunks", default=4, show_default=True, type=int)
+@click.option(
+    "--retry-after",
+    default=300,
+    show_default=True,
+    type=int,
+    help="Seconds before deferred mail (4xx, greylisting) is retried.",
+)
+@click.option(
+    "--retry-within-run",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seconds this run waits to retry deferred mail itself.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def campaign_run(
     name: str,
@@ -78,6 +86,8 @@ def campaign_run(
     delimiter: str | None,
     chunk_size: int,
     parallel_chunks: int,
+    retry_after: int,
+    retry_within_run: int,
     as_json: bool,
 ) -> None:
     """Target, render and deliver a campaign (runs the Prefect flow)."""
@@ -99,6 +109,8 @@ def campaign_run(
             delimiter=delimiter,
             chunk_size=chunk_size,
             parallel_chunks=parallel_chunks,
+            retry_after_seconds=retry_after,
+            retry_within_run_seconds=retry_within_run,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -152,17 +164,35 @@ def campaign_report_cmd(name: str, as_json: bool) -> None:
 @click.option("--contacts", "n_contacts", default=10_000, show_default=True, type=int)
 @click.option("--exit", "exit_after", is_flag=True, help="Stop everything when the run ends.")
 @click.option("--name", default=None, help="Campaign name (default: demo-<timestamp>).")
-def demo_cmd(n_contacts: int, exit_after: bool, name: str | None) -> None:
+@click.option("--mx-port", default=2525, show_default=True, help="Sandbox MX port (0: any).")
+@click.option("--dns-port", default=5300, show_default=True, help="Sandbox DNS port (0: any).")
+@click.option("--prefect-port", default=4200, show_default=True, help="Local Prefect server port.")
+def demo_cmd(
+    n_contacts: int,
+    exit_after: bool,
+    name: str | None,
+    mx_port: int,
+    dns_port: int,
+    prefect_port: int,
+) -> None:
     """Sandbox + Prefect server + demo contacts + a real campaign, end to end."""
     from recapito.demo import run_demo
 
-    sys.exit(run_demo(n_contacts=n_contacts, exit_after=exit_after, name=name))
+    sys.exit(
+        run_demo(
+            n_contacts=n_contacts,
+            exit_after=exit_after,
+            name=name,
+            mx_port=mx_port,
+            dns_port=dns_port,
+            prefect_port=prefect_port,
+        )
+    )
 
 
-try:
-    _register_optional()
-except ImportError:  # pragma: no cover - a partial checkout
-    pass
+main.add_command(sandbox)
+main.add_command(demo_data, name="demo-data")
+main.add_command(contacts)
 
 if __name__ == "__main__":
     main()

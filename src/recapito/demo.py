@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from recapito.config import Settings, home_dir
+from recapito.config import Settings, home_dir, sandbox_dir
 
 PREFECT_HOST = "127.0.0.1"
 PREFECT_PORT = 4200
@@ -42,9 +42,10 @@ def _healthy(api_url: str) -> bool:
 class PrefectServer:
     """A local Prefect server subprocess (SQLite under ``$RECAPITO_HOME/prefect``)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, port: int = PREFECT_PORT) -> None:
         self.home = home / "prefect"
-        self.api_url = f"http://{PREFECT_HOST}:{PREFECT_PORT}/api"
+        self.port = port
+        self.api_url = f"http://{PREFECT_HOST}:{port}/api"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 180.0) -> None:
@@ -63,7 +64,7 @@ class PrefectServer:
         prefect = Path(sys.executable).with_name("prefect")
         cmd = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
         self.proc = subprocess.Popen(
-            [*cmd, "--host", PREFECT_HOST, "--port", str(PREFECT_PORT)],
+            [*cmd, "--host", PREFECT_HOST, "--port", str(self.port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -96,37 +97,38 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _sandbox_running() -> bool:
-    result = _cli("sandbox", "status", "--json")
-    if result.returncode != 0:
-        return False
-    import json
+def _sandbox_running(home: Path) -> bool:
+    from recapito.sandbox.runtime import describe
 
-    try:
-        servers = json.loads(result.stdout)
-    except ValueError:
-        return False
-    entries = servers.get("servers", servers) if isinstance(servers, dict) else servers
-    return bool(entries) and all(e.get("up") for e in entries)
+    info = describe(home)
+    return bool(info["running"] and info["dns"]["up"] and all(s["up"] for s in info["servers"]))
 
 
-def run_demo(*, n_contacts: int, exit_after: bool, name: str | None) -> int:
+def run_demo(
+    *,
+    n_contacts: int,
+    exit_after: bool,
+    name: str | None,
+    mx_port: int = 2525,
+    dns_port: int = 5300,
+    prefect_port: int = PREFECT_PORT,
+) -> int:
     home = home_dir()
     started_sandbox = False
     server: PrefectServer | None = None
     t0 = time.monotonic()
     try:
-        if _sandbox_running():
+        if _sandbox_running(home):
             _say("the sandbox is already up")
         else:
             _say("starting the sandbox (DNS + MX servers on 127.0.0.x)…")
-            up = _cli("sandbox", "up")
+            up = _cli("sandbox", "up", "--mx-port", str(mx_port), "--dns-port", str(dns_port))
             if up.returncode != 0:
                 sys.stderr.write(up.stderr or up.stdout)
                 return 1
             started_sandbox = True
         if not os.environ.get("PREFECT_API_URL"):
-            server = PrefectServer(home)
+            server = PrefectServer(home, prefect_port)
             server.start()
             os.environ["PREFECT_API_URL"] = server.api_url
         ui_url = os.environ["PREFECT_API_URL"].removesuffix("/api")
@@ -153,6 +155,9 @@ def run_demo(*, n_contacts: int, exit_after: bool, name: str | None) -> int:
             contacts=str(contacts),
             template=str(TEMPLATE_DIR),
             sender="comunicazioni@banca-esempio.test",
+            # the sandbox greylists for about a second: retry inside the run, as an MTA would
+            retry_after_seconds=2,
+            retry_within_run_seconds=60,
         )
         _say(f"running campaign {campaign_name!r}…")
         run_started = time.monotonic()
@@ -167,11 +172,19 @@ def run_demo(*, n_contacts: int, exit_after: bool, name: str | None) -> int:
 
         ledger = Ledger(settings.db_url, run_migrations=False)
         try:
-            check = compare_with_maildirs(ledger, campaign_name, settings.home)
+            check = compare_with_maildirs(
+                ledger, campaign_name, sandbox_dir(settings.home) / "maildir"
+            )
         finally:
             ledger.close()
         print()
         print(text_summary(report))
+        if report["rejections"]:
+            reasons = ", ".join(
+                f"{k} {v:,}" for k, v in sorted(report["rejections"].items(), key=lambda kv: -kv[1])
+            )
+            rejected_csv = settings.home / "campaigns" / campaign_name / "rejected.csv"
+            print(f"Rejected at targeting: {reasons} (rows and line numbers: {rejected_csv})")
         print(
             f"Maildir check: {check['accepted']:,} accepted in the ledger, "
             f"{check['stored']:,} stored in the sandbox Maildirs, "

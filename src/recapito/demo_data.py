@@ -54,6 +54,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from recapito.errors import InputError
@@ -62,49 +63,404 @@ from recapito.sandbox import world
 # --- embedded reference data -------------------------------------------------------
 
 MALE_NAMES = (
-    "Marco Alessandro Giuseppe Francesco Luca Andrea Giovanni Matteo Lorenzo Davide Simone "
-    "Federico Riccardo Stefano Antonio Roberto Paolo Mario Luigi Salvatore Vincenzo Fabio "
-    "Massimo Claudio Daniele Gabriele Emanuele Nicola Pietro Tommaso Filippo Michele Alberto "
-    "Enrico Carlo Giorgio Sergio Franco Bruno Angelo Domenico Raffaele Gianluca Fabrizio "
-    "Maurizio Massimiliano Cristian Diego Edoardo Leonardo Samuele Jacopo Niccolò Mattia "
-    "Giacomo Alessio Valerio Ivan Umberto Renato Guido Ettore Achille Dario Elia Ludovico "
-    "Gennaro Ciro Pasquale Gaetano Rocco Carmine Cosimo Donato Arturo Aldo Walter Ugo "
-    "Gianmarco Gianfranco Pierluigi Luciano Sandro Silvio Ruggero Ottavio Corrado Marcello "
-    "Nicolò Tiziano Manuel Giulio Ernesto Vittorio Adriano Emilio Fabiano Cesare Rosario "
-    "Calogero Saverio Agostino Biagio Benedetto"
-).split() + ["Gian Luca", "Pier Paolo", "Gian Maria"]
+    "Marco",
+    "Alessandro",
+    "Giuseppe",
+    "Francesco",
+    "Luca",
+    "Andrea",
+    "Giovanni",
+    "Matteo",
+    "Lorenzo",
+    "Davide",
+    "Simone",
+    "Federico",
+    "Riccardo",
+    "Stefano",
+    "Antonio",
+    "Roberto",
+    "Paolo",
+    "Mario",
+    "Luigi",
+    "Salvatore",
+    "Vincenzo",
+    "Fabio",
+    "Massimo",
+    "Claudio",
+    "Daniele",
+    "Gabriele",
+    "Emanuele",
+    "Nicola",
+    "Pietro",
+    "Tommaso",
+    "Filippo",
+    "Michele",
+    "Alberto",
+    "Enrico",
+    "Carlo",
+    "Giorgio",
+    "Sergio",
+    "Franco",
+    "Bruno",
+    "Angelo",
+    "Domenico",
+    "Raffaele",
+    "Gianluca",
+    "Fabrizio",
+    "Maurizio",
+    "Massimiliano",
+    "Cristian",
+    "Diego",
+    "Edoardo",
+    "Leonardo",
+    "Samuele",
+    "Jacopo",
+    "Niccolò",
+    "Mattia",
+    "Giacomo",
+    "Alessio",
+    "Valerio",
+    "Ivan",
+    "Umberto",
+    "Renato",
+    "Guido",
+    "Ettore",
+    "Achille",
+    "Dario",
+    "Elia",
+    "Ludovico",
+    "Gennaro",
+    "Ciro",
+    "Pasquale",
+    "Gaetano",
+    "Rocco",
+    "Carmine",
+    "Cosimo",
+    "Donato",
+    "Arturo",
+    "Aldo",
+    "Walter",
+    "Ugo",
+    "Gianmarco",
+    "Gianfranco",
+    "Pierluigi",
+    "Luciano",
+    "Sandro",
+    "Silvio",
+    "Ruggero",
+    "Ottavio",
+    "Corrado",
+    "Marcello",
+    "Nicolò",
+    "Tiziano",
+    "Manuel",
+    "Giulio",
+    "Ernesto",
+    "Vittorio",
+    "Adriano",
+    "Emilio",
+    "Fabiano",
+    "Cesare",
+    "Rosario",
+    "Calogero",
+    "Saverio",
+    "Agostino",
+    "Biagio",
+    "Benedetto",
+    "Gian Luca",
+    "Pier Paolo",
+    "Gian Maria",
+)
+
 
 FEMALE_NAMES = (
-    "Giulia Francesca Chiara Sara Martina Valentina Alessia Federica Elisa Silvia Laura Anna "
-    "Maria Giorgia Elena Paola Roberta Alice Sofia Aurora Beatrice Camilla Ginevra Noemi "
-    "Arianna Ilaria Serena Monica Cristina Barbara Daniela Simona Claudia Michela Veronica "
-    "Manuela Antonella Patrizia Rosa Giovanna Angela Lucia Teresa Carmela Caterina "
-    "Margherita Rita Emanuela Stefania Sabrina Lorena Marta Irene Benedetta Greta Matilde "
-    "Vittoria Gaia Emma Nicole Rebecca Viola Bianca Ludovica Carlotta Asia Eleonora Cecilia "
-    "Lisa Erika Jessica Debora Marina Luisa Franca Gabriella Loredana Tiziana Raffaella "
-    "Donatella Ornella Graziella Nadia Rosanna Concetta Assunta Immacolata Filomena Annalisa "
-    "Mariangela Maddalena Agnese Letizia Adele Gemma Elisabetta Ester Nicoletta Miriam "
-    "Fabiola Carla Pamela Noè Désirée"
-).split() + ["Maria Grazia", "Anna Maria", "Maria Teresa", "Maria Luisa"]
+    "Giulia",
+    "Francesca",
+    "Chiara",
+    "Sara",
+    "Martina",
+    "Valentina",
+    "Alessia",
+    "Federica",
+    "Elisa",
+    "Silvia",
+    "Laura",
+    "Anna",
+    "Maria",
+    "Giorgia",
+    "Elena",
+    "Paola",
+    "Roberta",
+    "Alice",
+    "Sofia",
+    "Aurora",
+    "Beatrice",
+    "Camilla",
+    "Ginevra",
+    "Noemi",
+    "Arianna",
+    "Ilaria",
+    "Serena",
+    "Monica",
+    "Cristina",
+    "Barbara",
+    "Daniela",
+    "Simona",
+    "Claudia",
+    "Michela",
+    "Veronica",
+    "Manuela",
+    "Antonella",
+    "Patrizia",
+    "Rosa",
+    "Giovanna",
+    "Angela",
+    "Lucia",
+    "Teresa",
+    "Carmela",
+    "Caterina",
+    "Margherita",
+    "Rita",
+    "Emanuela",
+    "Stefania",
+    "Sabrina",
+    "Lorena",
+    "Marta",
+    "Irene",
+    "Benedetta",
+    "Greta",
+    "Matilde",
+    "Vittoria",
+    "Gaia",
+    "Emma",
+    "Nicole",
+    "Rebecca",
+    "Viola",
+    "Bianca",
+    "Ludovica",
+    "Carlotta",
+    "Asia",
+    "Eleonora",
+    "Cecilia",
+    "Lisa",
+    "Erika",
+    "Jessica",
+    "Debora",
+    "Marina",
+    "Luisa",
+    "Franca",
+    "Gabriella",
+    "Loredana",
+    "Tiziana",
+    "Raffaella",
+    "Donatella",
+    "Ornella",
+    "Graziella",
+    "Nadia",
+    "Rosanna",
+    "Concetta",
+    "Assunta",
+    "Immacolata",
+    "Filomena",
+    "Annalisa",
+    "Mariangela",
+    "Maddalena",
+    "Agnese",
+    "Letizia",
+    "Adele",
+    "Gemma",
+    "Elisabetta",
+    "Ester",
+    "Nicoletta",
+    "Miriam",
+    "Fabiola",
+    "Carla",
+    "Pamela",
+    "Noè",
+    "Désirée",
+    "Maria Grazia",
+    "Anna Maria",
+    "Maria Teresa",
+    "Maria Luisa",
+)
+
 
 SURNAMES = (
-    "Rossi Russo Ferrari Esposito Bianchi Romano Colombo Ricci Marino Greco Bruno Gallo "
-    "Conti Mancini Costa Giordano Rizzo Lombardi Moretti Barbieri Fontana Santoro Mariani "
-    "Rinaldi Caruso Ferrara Galli Martini Leone Longo Gentile Martinelli Vitale Lombardo "
-    "Serra Coppola Marchetti Parisi Villa Conte Ferraro Ferri Fabbri Bianco Marini Grasso "
-    "Valentini Messina Sala Gatti Pellegrini Palumbo Sanna Farina Rizzi Monti Cattaneo "
-    "Morelli Amato Silvestri Mazza Testa Grassi Pellegrino Carbone Giuliani Benedetti "
-    "Barone Rossetti Caputo Montanari Guerra Palmieri Bernardi Martino Fiore Ferretti "
-    "Bellini Basile Riva Donati Piras Vitali Battaglia Sartori Neri Costantini Milani "
-    "Pagano Ruggiero Sorrentino Orlando Negri Orsini Mele Bassi Longhi Zanetti Fumagalli "
-    "Brambilla Pozzi Ferrario Galbiati Meloni Deiana Melis Pinna Mura Cocco Lai Usai Fadda "
-    "Sechi Cirillo Iovine Pappalardo Zanella Zanon Zanin Bortolotti Zago Furlan Scarpa "
-    "Visentin Pavan Tonon Trevisan Marchi Bonetti Tosi Rota Guidi Bertolini Bonini Canale "
-    "Cantù Zappalà Pitrè Nicolò Borrè Giannini Bruni Cocchi Lucchesi Bartolini Cecchi "
-    "Fiorentino Santini Mazzoni Piazza Sorrentino Marras Cossu Ruggeri Tedesco Colonna "
-    "Ferrante Pace Caprioli Lupo Fusco Rinaldo Bellucci Gasparini Sabatini Morello "
-    "Montalbano Pirrone Scuderi Spadaro Catalano Randazzo Calabrese Arena Marotta"
-).split() + [
+    "Rossi",
+    "Russo",
+    "Ferrari",
+    "Esposito",
+    "Bianchi",
+    "Romano",
+    "Colombo",
+    "Ricci",
+    "Marino",
+    "Greco",
+    "Bruno",
+    "Gallo",
+    "Conti",
+    "Mancini",
+    "Costa",
+    "Giordano",
+    "Rizzo",
+    "Lombardi",
+    "Moretti",
+    "Barbieri",
+    "Fontana",
+    "Santoro",
+    "Mariani",
+    "Rinaldi",
+    "Caruso",
+    "Ferrara",
+    "Galli",
+    "Martini",
+    "Leone",
+    "Longo",
+    "Gentile",
+    "Martinelli",
+    "Vitale",
+    "Lombardo",
+    "Serra",
+    "Coppola",
+    "Marchetti",
+    "Parisi",
+    "Villa",
+    "Conte",
+    "Ferraro",
+    "Ferri",
+    "Fabbri",
+    "Bianco",
+    "Marini",
+    "Grasso",
+    "Valentini",
+    "Messina",
+    "Sala",
+    "Gatti",
+    "Pellegrini",
+    "Palumbo",
+    "Sanna",
+    "Farina",
+    "Rizzi",
+    "Monti",
+    "Cattaneo",
+    "Morelli",
+    "Amato",
+    "Silvestri",
+    "Mazza",
+    "Testa",
+    "Grassi",
+    "Pellegrino",
+    "Carbone",
+    "Giuliani",
+    "Benedetti",
+    "Barone",
+    "Rossetti",
+    "Caputo",
+    "Montanari",
+    "Guerra",
+    "Palmieri",
+    "Bernardi",
+    "Martino",
+    "Fiore",
+    "Ferretti",
+    "Bellini",
+    "Basile",
+    "Riva",
+    "Donati",
+    "Piras",
+    "Vitali",
+    "Battaglia",
+    "Sartori",
+    "Neri",
+    "Costantini",
+    "Milani",
+    "Pagano",
+    "Ruggiero",
+    "Sorrentino",
+    "Orlando",
+    "Negri",
+    "Orsini",
+    "Mele",
+    "Bassi",
+    "Longhi",
+    "Zanetti",
+    "Fumagalli",
+    "Brambilla",
+    "Pozzi",
+    "Ferrario",
+    "Galbiati",
+    "Meloni",
+    "Deiana",
+    "Melis",
+    "Pinna",
+    "Mura",
+    "Cocco",
+    "Lai",
+    "Usai",
+    "Fadda",
+    "Sechi",
+    "Cirillo",
+    "Iovine",
+    "Pappalardo",
+    "Zanella",
+    "Zanon",
+    "Zanin",
+    "Bortolotti",
+    "Zago",
+    "Furlan",
+    "Scarpa",
+    "Visentin",
+    "Pavan",
+    "Tonon",
+    "Trevisan",
+    "Marchi",
+    "Bonetti",
+    "Tosi",
+    "Rota",
+    "Guidi",
+    "Bertolini",
+    "Bonini",
+    "Canale",
+    "Cantù",
+    "Zappalà",
+    "Pitrè",
+    "Nicolò",
+    "Borrè",
+    "Giannini",
+    "Bruni",
+    "Cocchi",
+    "Lucchesi",
+    "Bartolini",
+    "Cecchi",
+    "Fiorentino",
+    "Santini",
+    "Mazzoni",
+    "Piazza",
+    "Sorrentino",
+    "Marras",
+    "Cossu",
+    "Ruggeri",
+    "Tedesco",
+    "Colonna",
+    "Ferrante",
+    "Pace",
+    "Caprioli",
+    "Lupo",
+    "Fusco",
+    "Rinaldo",
+    "Bellucci",
+    "Gasparini",
+    "Sabatini",
+    "Morello",
+    "Montalbano",
+    "Pirrone",
+    "Scuderi",
+    "Spadaro",
+    "Catalano",
+    "Randazzo",
+    "Calabrese",
+    "Arena",
+    "Marotta",
     "De Luca",
     "De Santis",
     "D'Angelo",
@@ -127,7 +483,8 @@ SURNAMES = (
     "Lo Presti",
     "Dell'Acqua",
     "Li Causi",
-]
+)
+
 
 # (city, CAP of the first postcode, number of consecutive postcodes, provincia, weight)
 CITIES: tuple[tuple[str, int, int, str, int], ...] = (
@@ -345,9 +702,39 @@ OTHER_TIME_ZONES = (
 )
 
 MOBILE_PREFIXES = (
-    "320 324 327 328 329 330 331 333 334 335 336 338 339 340 342 345 346 347 348 349 "
-    "350 351 366 368 370 377 380 388 389 391 392 393"
-).split()
+    "320",
+    "324",
+    "327",
+    "328",
+    "329",
+    "330",
+    "331",
+    "333",
+    "334",
+    "335",
+    "336",
+    "338",
+    "339",
+    "340",
+    "342",
+    "345",
+    "346",
+    "347",
+    "348",
+    "349",
+    "350",
+    "351",
+    "366",
+    "368",
+    "370",
+    "377",
+    "380",
+    "388",
+    "389",
+    "391",
+    "392",
+    "393",
+)
 LANDLINE_PREFIXES = ("02", "06", "011", "051", "055", "081", "091", "010", "045", "070")
 JUNK_PHONES = ("12345", "+39 3", "339 12", "n.d.", "0000000000", "+39 333 12345678901", "-")
 
@@ -384,14 +771,14 @@ def _slug(text: str) -> str:
     return "".join(ch for ch in folded.lower() if ch.isalnum())
 
 
-def _zipf_weights(count: int, flatten: float) -> np.ndarray:
+def _zipf_weights(count: int, flatten: float) -> npt.NDArray[np.float64]:
     """Skewed popularity: the first entries of each list are the most common."""
     ranks = np.arange(count, dtype=np.float64)
-    weights = 1.0 / (ranks + flatten)
-    return weights / weights.sum()
+    weights: npt.NDArray[np.float64] = 1.0 / (ranks + flatten)
+    return weights / float(weights.sum())
 
 
-def _pick(values: Sequence[str], idx: np.ndarray) -> pl.Series:
+def _pick(values: Sequence[str], idx: npt.NDArray[np.int64]) -> pl.Series:
     return pl.Series(values=list(values), dtype=pl.String).gather(idx)
 
 
@@ -401,9 +788,7 @@ def _digits(rng: np.random.Generator, n: int, width: int) -> pl.Series:
     return pl.Series(nums).cast(pl.String).str.zfill(width)
 
 
-def _unique_locals(
-    local: pl.Series, domain: pl.Series, rng: np.random.Generator
-) -> pl.Series:
+def _unique_locals(local: pl.Series, domain: pl.Series, rng: np.random.Generator) -> pl.Series:
     """Append digits to later copies of an address until every address is unique.
 
     Uniqueness is case-insensitive, like the targeting dedupe key.
@@ -449,9 +834,7 @@ def generate(n: int = 10_000, seed: int = 42) -> pl.DataFrame:
     # E-mail local part: one of the usual patterns people pick.
     pattern = rng.choice(8, size=n, p=[0.38, 0.14, 0.10, 0.08, 0.10, 0.05, 0.10, 0.05])
     number = pl.Series(rng.integers(1, 1000, size=n)).cast(pl.String)
-    frame = pl.DataFrame(
-        {"f": first_slug, "l": last_slug, "yy": yy, "num": number, "pat": pattern}
-    )
+    frame = pl.DataFrame({"f": first_slug, "l": last_slug, "yy": yy, "num": number, "pat": pattern})
     f, last, p = pl.col("f"), pl.col("l"), pl.col("pat")
     local_expr = (
         pl.when(p == 0)
@@ -473,9 +856,7 @@ def generate(n: int = 10_000, seed: int = 42) -> pl.DataFrame:
     local = frame.select(local_expr.alias("local")).to_series()
     # A few people typed their address with capitals; the local part keeps its case.
     capital = pl.Series(rng.random(n) < 0.03)
-    local = pl.select(
-        pl.when(capital).then(local.str.to_titlecase()).otherwise(local)
-    ).to_series()
+    local = pl.select(pl.when(capital).then(local.str.to_titlecase()).otherwise(local)).to_series()
 
     domains = world.email_domains()
     weights = np.array([w for _, w in domains], dtype=np.float64)

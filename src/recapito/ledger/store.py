@@ -528,6 +528,31 @@ class Ledger:
                 released += result.rowcount
         return released
 
+    def due_deferred(
+        self, campaign_id: int, within: timedelta
+    ) -> tuple[list[int], datetime | None]:
+        """Chunks with deferred rows due before now + ``within``, and the latest such due time.
+
+        Waiting until the latest due time lets one retry round take every one of them.
+        """
+        horizon = utcnow() + within
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries.c.chunk, sa.func.max(deliveries.c.next_attempt_at))
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.state == State.DEFERRED.value,
+                        deliveries.c.next_attempt_at <= horizon,
+                    )
+                )
+                .group_by(deliveries.c.chunk)
+                .order_by(deliveries.c.chunk)
+            ).all()
+        due = [d for d in (as_utc(r[1]) for r in rows) if d is not None]
+        latest = max(due) if due else None
+        return [int(r[0]) for r in rows], latest
+
     def add_event(
         self,
         campaign_id: int,

@@ -11,12 +11,15 @@ leaves servers behind.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sys
 
 READY = "READY"
 ERROR = "ERROR"
+# Second word of an ERROR line when the address:port is taken (the parent may retry elsewhere).
+BUSY = "busy"
 PARENT_POLL_SECONDS = 0.25
 
 
@@ -30,6 +33,13 @@ def report(line: str) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def listen_error(what: str, address: str, port: int, exc: OSError) -> str:
+    """The ERROR line for a failed bind, flagged ``busy`` when the port is taken."""
+    if exc.errno == errno.EADDRINUSE:
+        return f"{ERROR} {BUSY} {what}: port {port} is already in use on {address}"
+    return f"{ERROR} {what}: cannot listen on {address}:{port}: {exc.strerror or exc}"
 
 
 def parent_gone(parent_pid: int) -> bool:

@@ -10,13 +10,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from recapito.config import sandbox_dir
 from recapito.errors import InputError
 from recapito.ledger import Ledger
 from recapito.sandbox.maildir import iter_maildirs
 
 
-def compare_with_maildirs(ledger: Ledger, campaign_name: str, home: Path) -> dict[str, Any]:
+def compare_with_maildirs(ledger: Ledger, campaign_name: str, maildir_root: Path) -> dict[str, Any]:
     campaign = ledger.get_campaign(campaign_name)
     if campaign is None:
         raise InputError(f"no campaign named {campaign_name!r} in the ledger")
@@ -24,9 +23,8 @@ def compare_with_maildirs(ledger: Ledger, campaign_name: str, home: Path) -> dic
     accepted = {str(r["id"]) for r in rows if r["state"] == "accepted"}
     not_accepted = {str(r["id"]) for r in rows if r["state"] != "accepted"}
     uncertain = {str(r["id"]) for r in rows if r["state"] == "uncertain"}
-    root = sandbox_dir(home) / "maildir"
     stored: Counter[str] = Counter()
-    for message in iter_maildirs(root):
+    for message in iter_maildirs(maildir_root):
         if message.header("X-Recapito-Campaign") != campaign_name:
             continue
         if message.delivery_id is not None:

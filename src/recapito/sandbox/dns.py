@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Iterable
@@ -263,8 +264,15 @@ class AuthoritativeServer:
         self.port = port
 
     def start(self) -> None:
-        self._udp.start_thread()
-        self._tcp.start_thread()
+        for server in (self._udp, self._tcp):
+            # A short poll interval keeps stop() quick (socketserver's default is 0.5 s).
+            thread = threading.Thread(
+                target=server.server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"dns-{self.port}",
+                daemon=True,
+            )
+            thread.start()
 
     def stop(self) -> None:
         for server in (self._udp, self._tcp):
@@ -302,7 +310,7 @@ def serve(spec: DNSProcessSpec) -> int:
     try:
         server = AuthoritativeServer(zone, spec.address, spec.port)
     except OSError as exc:
-        _proc.report(f"{_proc.ERROR} DNS: cannot listen on {spec.address}:{spec.port}: {exc}")
+        _proc.report(_proc.listen_error("DNS", spec.address, spec.port, exc))
         return 1
     stop = threading.Event()
 
@@ -317,16 +325,35 @@ def serve(spec: DNSProcessSpec) -> int:
         if _proc.parent_gone(spec.parent_pid):
             log.warning("parent %d exited; stopping", spec.parent_pid)
             break
-    server.stop()
+    # The listener threads are daemons: leaving the interpreter ends them at once, without
+    # waiting for socketserver's half-second shutdown poll.
     return 0
 
 
-def query(address: str, port: int, name: str, rtype: str = "A", timeout: float = 2.0) -> DNSRecord:
-    """Ask the server one question over UDP (used for readiness and status checks)."""
+def query(
+    address: str,
+    port: int,
+    name: str,
+    rtype: str = "A",
+    timeout: float = 2.0,
+    tcp: bool = False,
+) -> DNSRecord:
+    """Ask the server one question over UDP or TCP (readiness and status checks)."""
     request = DNSRecord.question(name, rtype)
+    packet = request.pack()
+    if tcp:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack("!H", len(packet)) + packet)
+            data = b""
+            while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
+                chunk = sock.recv(65535)
+                if not chunk:
+                    raise ConnectionError("DNS server closed the TCP connection early")
+                data += chunk
+        return DNSRecord.parse(data[2:])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.sendto(request.pack(), (address, port))
+        sock.sendto(packet, (address, port))
         while True:
             data, _ = sock.recvfrom(65535)
             reply = DNSRecord.parse(data)

@@ -64,7 +64,16 @@ class MaildirWriter:
 
     def deliver(self, recipient: str, prefix: bytes, content: bytes) -> Path:
         """Store ``prefix + content`` for ``recipient``; return the final path under ``new``."""
-        folder = self._domain_dir(domain_dir_name(recipient))
+        domain = domain_dir_name(recipient)
+        try:
+            return self._write(self._domain_dir(domain), prefix, content)
+        except FileNotFoundError:
+            # Someone removed the folders under a running server (a test cleaning up):
+            # create them again and retry once.
+            self._ready.discard(domain)
+            return self._write(self._domain_dir(domain), prefix, content)
+
+    def _write(self, folder: Path, prefix: bytes, content: bytes) -> Path:
         name = self.unique_name()
         tmp_path = folder / "tmp" / name
         final = folder / "new" / name

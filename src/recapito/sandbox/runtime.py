@@ -16,8 +16,8 @@ with SIGKILL leaves nothing listening.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
-import errno
 import json
 import os
 import selectors
@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+from dnslib import DNSError
 
 import recapito
 from recapito import config
@@ -54,7 +56,6 @@ __all__ = [
 DNS_ADDRESS = "127.0.0.1"
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
-_BUSY = "busy"
 
 
 class SandboxError(RecapitoError):
@@ -144,7 +145,9 @@ def is_sandbox_process(pid: int) -> bool:
         return False
     except OSError:
         return True  # no procfs to check with
-    return b"recapito.sandbox" in cmdline
+    # ``python -m recapito.sandbox.…`` for servers; ``recapito sandbox up`` or
+    # ``python -m recapito.sandbox.cli up`` for a supervisor.
+    return b"recapito" in cmdline and b"sandbox" in cmdline
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -201,6 +204,19 @@ def free_dns_port(avoid: int = 0) -> int:
     raise SandboxError("cannot find a port free for DNS on 127.0.0.1 (UDP and TCP)")
 
 
+def check_ports_free(mx_port: int | None, dns_port: int | None) -> None:
+    """Raise SandboxError naming the first requested port that is already taken."""
+    if mx_port:
+        busy = [s.address for s in world.MX_SERVERS if not tcp_port_free(s.address, mx_port)]
+        if busy:
+            more = f" (and {len(busy) - 1} more MX addresses)" if len(busy) > 1 else ""
+            raise SandboxError(f"MX port {mx_port} is already in use on {busy[0]}{more}")
+    if dns_port and not (
+        udp_port_free(DNS_ADDRESS, dns_port) and tcp_port_free(DNS_ADDRESS, dns_port)
+    ):
+        raise SandboxError(f"DNS port {dns_port} is already in use on {DNS_ADDRESS}")
+
+
 # -- probes ---------------------------------------------------------------------------------
 
 
@@ -218,10 +234,8 @@ def probe_mx(address: str, port: int, timeout: float = 3.0) -> str | None:
             line = data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
             if not line.startswith("220"):
                 return None
-            try:
+            with contextlib.suppress(OSError):
                 sock.sendall(b"QUIT\r\n")
-            except OSError:
-                pass
             return line
     except OSError:
         return None
@@ -230,12 +244,11 @@ def probe_mx(address: str, port: int, timeout: float = 3.0) -> str | None:
 def probe_dns(address: str, port: int, timeout: float = 2.0) -> bool:
     """True if the sandbox DNS answers a question over UDP and accepts TCP connections."""
     try:
-        reply = query(address, port, "sandbox.test", "TXT", timeout=timeout)
-        with socket.create_connection((address, port), timeout=timeout):
-            pass
-    except (OSError, ValueError):
+        by_udp = query(address, port, "sandbox.test", "TXT", timeout=timeout)
+        by_tcp = query(address, port, "sandbox.test", "TXT", timeout=timeout, tcp=True)
+    except (OSError, ValueError, DNSError):
         return False
-    return bool(reply.header.aa)
+    return bool(by_udp.header.aa and by_tcp.header.aa)
 
 
 # -- the sandbox ----------------------------------------------------------------------------
@@ -246,15 +259,15 @@ class _Child:
     name: str
     process: subprocess.Popen[bytes]
     log_file: IO[bytes]
-    server: world.MXServer | None  # None for the DNS server
 
 
 class Sandbox:
     """The local mail world, started in child processes owned by this object.
 
-    ``mx_port``/``dns_port`` None means "pick free ports". ``extra_records`` are added to the DNS
-    zone (TXT for MTA-STS, TLSA for DANE...). ``supervisor`` marks the owner as the
-    ``sandbox up`` supervisor (recorded in ``state.json`` so ``sandbox down`` knows whom to stop).
+    ``mx_port``/``dns_port`` None (or 0) means "pick free ports". ``extra_records`` are added
+    to the DNS zone (TXT for MTA-STS, TLSA for DANE...). ``supervisor`` marks the owner as the
+    ``sandbox up`` supervisor (recorded in ``state.json`` so ``sandbox down`` knows whom to
+    stop).
     """
 
     def __init__(
@@ -381,19 +394,24 @@ class Sandbox:
         try:
             self._pki = ensure_certificates(self.sandbox_dir)
         except (OSError, ValueError) as exc:
-            raise SandboxError(f"cannot create sandbox certificates in {self.sandbox_dir}: {exc}")
+            raise SandboxError(
+                f"cannot create sandbox certificates in {self.sandbox_dir}: {exc}"
+            ) from exc
         self.maildir_root.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
+        # A port picked as free can be taken by someone else before the child binds it;
+        # only then is another try worth it.
         auto = self._want_mx_port is None or self._want_dns_port is None
-        for attempt in range(5 if auto else 1):
+        attempts = 5 if auto else 1
+        for attempt in range(attempts):
             self._choose_ports()
             try:
                 self._launch()
                 break
             except _PortRace:
                 self._terminate_children()
-                if attempt == 4:
+                if attempt == attempts - 1:
                     raise
             except BaseException:
                 self._terminate_children()
@@ -403,7 +421,9 @@ class Sandbox:
             self._write_files()
         except OSError as exc:
             self.stop()
-            raise SandboxError(f"cannot write sandbox settings in {self.sandbox_dir}: {exc}") from exc
+            raise SandboxError(
+                f"cannot write sandbox settings in {self.sandbox_dir}: {exc}"
+            ) from exc
         atexit.register(self._stop_at_exit)
         return self
 
@@ -419,10 +439,9 @@ class Sandbox:
         atexit.unregister(self._stop_at_exit)
 
     def _stop_at_exit(self) -> None:
-        try:
+        # At interpreter exit there is nobody left to tell about a failure.
+        with contextlib.suppress(Exception):
             self.stop()
-        except Exception:  # at interpreter exit there is nobody left to tell
-            pass
 
     def wait(self) -> None:
         """Block until a child dies (returns) or the process gets a signal."""
@@ -435,7 +454,8 @@ class Sandbox:
         state = read_state(self.home)
         if state is None:
             return
-        if pid_alive(state.owner_pid) and state.owner_pid != os.getpid():
+        if pid_alive(state.owner_pid):
+            # Possibly another Sandbox object of this very process: never touch its servers.
             raise SandboxError(
                 f"a sandbox is already running for {self.home} (owner pid {state.owner_pid}); "
                 "stop it first"
@@ -446,23 +466,10 @@ class Sandbox:
         self.settings_path.unlink(missing_ok=True)
 
     def _choose_ports(self) -> None:
+        check_ports_free(self._want_mx_port, self._want_dns_port)
         addresses = [s.address for s in world.MX_SERVERS]
-        if self._want_mx_port is not None:
-            busy = [a for a in addresses if not tcp_port_free(a, self._want_mx_port)]
-            if busy:
-                raise SandboxError(
-                    f"MX port {self._want_mx_port} is already in use on {', '.join(busy)}"
-                )
-            self._mx_port = self._want_mx_port
-        else:
-            self._mx_port = free_mx_port(addresses)
-        if self._want_dns_port is not None:
-            port = self._want_dns_port
-            if not (udp_port_free(DNS_ADDRESS, port) and tcp_port_free(DNS_ADDRESS, port)):
-                raise SandboxError(f"DNS port {port} is already in use on {DNS_ADDRESS}")
-            self._dns_port = port
-        else:
-            self._dns_port = free_dns_port()
+        self._mx_port = self._want_mx_port or free_mx_port(addresses)
+        self._dns_port = self._want_dns_port or free_dns_port()
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -471,7 +478,7 @@ class Sandbox:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
         return env
 
-    def _spawn(self, name: str, module: str, spec_json: str, server: world.MXServer | None) -> None:
+    def _spawn(self, name: str, module: str, spec_json: str) -> None:
         log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         try:
             process = subprocess.Popen(
@@ -485,7 +492,7 @@ class Sandbox:
         except OSError as exc:
             log_file.close()
             raise SandboxError(f"cannot start {name}: {exc}") from exc
-        self._children.append(_Child(name, process, log_file, server))
+        self._children.append(_Child(name, process, log_file))
 
     def _launch(self) -> None:
         assert self._pki is not None
@@ -497,7 +504,7 @@ class Sandbox:
             catch_all=self.catch_all,
             extra=tuple((r.name, r.rtype, r.value, r.ttl) for r in self.extra_records),
         )
-        self._spawn("dns", "recapito.sandbox.dns", dns_spec.to_json(), None)
+        self._spawn("dns", "recapito.sandbox.dns", dns_spec.to_json())
         for server in world.MX_SERVERS:
             pair = self._pki.leaves.get(server.host)
             spec = MXProcessSpec(
@@ -510,7 +517,7 @@ class Sandbox:
                 maildir_root=str(self.maildir_root),
                 parent_pid=owner,
             )
-            self._spawn(server.host, "recapito.sandbox.servers", spec.to_json(), server)
+            self._spawn(server.host, "recapito.sandbox.servers", spec.to_json())
         self._await_ready(time.monotonic() + self.startup_timeout)
         self._check_answers()
 
@@ -534,22 +541,22 @@ class Sandbox:
                         f"{', '.join(sorted(pending))} to start (see {self.log_dir})"
                     )
                 for key, _ in selector.select(remaining):
-                    child: _Child = key.data
+                    source: _Child = key.data
                     chunk = os.read(key.fd, 4096)
-                    buffers[child.name] += chunk
-                    if chunk and b"\n" not in buffers[child.name]:
+                    buffers[source.name] += chunk
+                    if chunk and b"\n" not in buffers[source.name]:
                         continue
                     selector.unregister(key.fileobj)
-                    pending.discard(child.name)
-                    line = buffers[child.name].split(b"\n", 1)[0].decode("utf-8", "replace")
+                    pending.discard(source.name)
+                    line = buffers[source.name].split(b"\n", 1)[0].decode("utf-8", "replace")
                     if line == _proc.READY:
                         continue
-                    if line.startswith(f"{_proc.ERROR} {_BUSY} "):
-                        races.append(line.removeprefix(f"{_proc.ERROR} {_BUSY} "))
+                    if line.startswith(f"{_proc.ERROR} {_proc.BUSY} "):
+                        races.append(line.removeprefix(f"{_proc.ERROR} {_proc.BUSY} "))
                     elif line.startswith(_proc.ERROR):
                         errors.append(line.removeprefix(_proc.ERROR).strip())
                     else:
-                        errors.append(f"{child.name} exited at start-up: {self._log_tail(child)}")
+                        errors.append(f"{source.name} exited at start-up: {self._log_tail(source)}")
                 if errors:
                     raise SandboxError(errors[0])
         finally:
@@ -604,10 +611,7 @@ class Sandbox:
         children, self._children = self._children, []
         for child in children:
             if child.process.poll() is None:
-                try:
-                    child.process.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                _signal(child.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         for child in children:
             try:
@@ -620,21 +624,20 @@ class Sandbox:
             child.log_file.close()
 
 
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
 def kill_children(state: SandboxState, timeout: float = STOP_TIMEOUT) -> None:
     """Stop the server processes a state file lists (when they are still sandbox processes)."""
     victims = [p for p in state.child_pids if pid_alive(p) and is_sandbox_process(p)]
     for pid in victims:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal(pid, signal.SIGTERM)
     _wait_gone(victims, timeout)
     for pid in victims:
         if pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal(pid, signal.SIGKILL)
     _wait_gone(victims, 1.0)
 
 
@@ -660,15 +663,9 @@ def stop_running(home: Path, timeout: float = 15.0) -> SandboxState | None:
         return None
     owner = state.owner_pid
     if state.supervised and pid_alive(owner) and is_sandbox_process(owner):
-        try:
-            os.kill(owner, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal(owner, signal.SIGTERM)
         if not _wait_gone([owner], timeout):
-            try:
-                os.kill(owner, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal(owner, signal.SIGKILL)
     kill_children(state)
     state_path(home).unlink(missing_ok=True)
     config.sandbox_settings_path(home).unlink(missing_ok=True)
@@ -714,7 +711,3 @@ def describe(home: Path) -> dict[str, Any]:
         "dns": dns,
         "servers": servers,
     }
-
-
-def busy_error(exc: OSError) -> bool:
-    return exc.errno == errno.EADDRINUSE

@@ -42,6 +42,8 @@ BANNER_IDENT = "ESMTP recapito sandbox"
 # Postures that publish a certificate chaining to the sandbox CA and accept only TLS 1.3.
 _TLS13_ONLY = frozenset({"tls13", "rejecting"})
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class MXProcessSpec:
@@ -152,9 +154,14 @@ class SandboxHandler:
         mail_from = envelope.mail_from or ""
         tls = session_tls_version(session)
         queue_id = self.writer.unique_name()
-        for recipient in envelope.rcpt_tos:
-            prefix = trace_headers(mail_from, recipient, self.server.host, tls)
-            self.writer.deliver(recipient, prefix, content)
+        try:
+            for recipient in envelope.rcpt_tos:
+                prefix = trace_headers(mail_from, recipient, self.server.host, tls)
+                self.writer.deliver(recipient, prefix, content)
+        except OSError as exc:
+            # Like a real MTA with a full disk: a transient failure the client retries.
+            log.error("cannot store a message: %s", exc)
+            return "451 4.3.0 Error: cannot store the message, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
@@ -282,14 +289,13 @@ async def serve(spec: MXProcessSpec) -> int:
     loop = asyncio.get_running_loop()
     try:
         factory = smtp_factory(spec, loop)
+    except (OSError, ValueError) as exc:  # unreadable certificate or key (SSLError included)
+        _proc.report(f"{_proc.ERROR} {spec.host}: cannot load its TLS certificate: {exc}")
+        return 1
+    try:
         listener = await loop.create_server(factory, host=spec.address, port=spec.port, backlog=512)
     except OSError as exc:
-        _proc.report(
-            f"{_proc.ERROR} {spec.host}: cannot listen on {spec.address}:{spec.port}: {exc}"
-        )
-        return 1
-    except (ValueError, ssl.SSLError) as exc:
-        _proc.report(f"{_proc.ERROR} {spec.host}: {exc}")
+        _proc.report(_proc.listen_error(spec.host, spec.address, spec.port, exc))
         return 1
     _proc.report(_proc.READY)
     stop = asyncio.Event()

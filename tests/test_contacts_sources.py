@@ -1,0 +1,303 @@
+"""Contact sources: CSV dialects and encodings, Parquet, SQL, and bad input."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import date
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recapito.contacts import sources
+from recapito.contacts.sources import ContactSource, Loaded, load, read_csv
+from recapito.errors import InputError
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _load(path: Path, **kw: str) -> Loaded:
+    return load(ContactSource.from_path(path, **kw))
+
+
+def test_bom_semicolons_multiline_and_broken_row(tmp_path: Path) -> None:
+    text = (
+        "id;nome;email;indirizzo\r\n"
+        'C1;Mario;mario@x.it;"Via Roma 1\nScala B"\r\n'  # lines 2-3
+        'C2;Anna;anna@x.it;"Via Dante; 3"\r\n'  # line 4
+        "C3;Rotto;rotto@x.it\r\n"  # line 5: a field short
+        'C4;"Luca ""il grande""";luca@x.it;Via Po 2\r\n'  # line 6
+        "C5;Extra;extra@x.it;Via Po 3;oops\r\n"  # line 7: a field too many
+        "C6;Eva;eva@x.it;Via Po 4\r\n"  # line 8
+    )
+    path = _write(tmp_path / "crm.csv", b"\xef\xbb\xbf" + text.encode("utf-8"))
+    loaded = _load(path)
+    assert loaded.delimiter == ";"
+    assert loaded.encoding == "utf-8-sig"
+    assert loaded.columns == ["id", "nome", "email", "indirizzo"]
+    assert loaded.frame["id"].to_list() == ["C1", "C2", "C4", "C6"]
+    assert loaded.frame["_line"].to_list() == [2, 4, 6, 8]
+    assert loaded.frame["indirizzo"].to_list() == [
+        "Via Roma 1\nScala B",
+        "Via Dante; 3",
+        "Via Po 2",
+        "Via Po 4",
+    ]
+    assert loaded.frame["nome"][2] == 'Luca "il grande"'
+    assert [(r.line, r.reason) for r in loaded.rejected] == [
+        (5, "3 fields, expected 4"),
+        (7, "5 fields, expected 4"),
+    ]
+    assert loaded.rejected[0].text.startswith("C3;Rotto")
+    assert all(dtype == pl.String for c, dtype in loaded.frame.schema.items() if c != "_line")
+    assert loaded.frame.schema["_line"] == pl.Int64
+
+
+def test_windows_1252_detected(tmp_path: Path) -> None:
+    text = (
+        "id;nome;cognome;citta;nota\r\n"
+        "1;José;Niccolò;Forlì;prezzo 10€ già pagato\r\n"
+        "2;Renée;Zappalà;Cantù;caffè “buono”\r\n"
+    )
+    path = _write(tmp_path / "legacy.csv", text.encode("cp1252"))
+    loaded = _load(path)
+    assert loaded.encoding == "cp1252"
+    assert loaded.frame["nome"].to_list() == ["José", "Renée"]
+    assert loaded.frame["cognome"].to_list() == ["Niccolò", "Zappalà"]
+    assert loaded.frame["nota"].to_list() == ["prezzo 10€ già pagato", "caffè “buono”"]
+
+
+def test_latin1_file_decodes(tmp_path: Path) -> None:
+    text = "id,nome,citta\n1,Nicolò,Forlì\n2,Zoë,Città di Castello\n"
+    loaded = _load(_write(tmp_path / "latin.csv", text.encode("latin-1")))
+    assert loaded.frame["nome"].to_list() == ["Nicolò", "Zoë"]
+    assert loaded.frame["citta"].to_list() == ["Forlì", "Città di Castello"]
+
+
+def test_invalid_bytes_never_crash(tmp_path: Path) -> None:
+    data = b"id;nome\n1;Mario\n" + b"2;Bad\xff\xfe\x81name\n" + b"3;Anna\n"
+    loaded = _load(_write(tmp_path / "bad.csv", data))
+    assert loaded.frame.height == 3
+    assert loaded.frame["nome"][0] == "Mario"
+    assert loaded.frame["nome"][2] == "Anna"
+
+
+def test_comma_csv_with_quoted_commas(tmp_path: Path) -> None:
+    text = 'id,email,address\n1,a@x.it,"Via Roma 1, int. 3"\n2,b@x.it,Via Po 2\n'
+    loaded = _load(_write(tmp_path / "comma.csv", text.encode()))
+    assert loaded.delimiter == ","
+    assert loaded.encoding == "utf-8"
+    assert loaded.frame["address"].to_list() == ["Via Roma 1, int. 3", "Via Po 2"]
+    assert loaded.rejected == []
+
+
+def test_tab_csv(tmp_path: Path) -> None:
+    text = "id\temail\tnote\n1\ta@x.it\tuno, due; tre\n2\tb@x.it\t\n"
+    loaded = _load(_write(tmp_path / "export.txt", text.encode()))
+    assert loaded.delimiter == "\t"
+    assert loaded.frame["note"].to_list() == ["uno, due; tre", None]
+
+
+def test_overrides_encoding_and_delimiter(tmp_path: Path) -> None:
+    text = "id|nome\n1|Niccolò\n"
+    path = _write(tmp_path / "pipe.csv", text.encode("utf-8"))
+    loaded = _load(path, encoding="latin-1", delimiter="pipe")
+    assert loaded.delimiter == "|"
+    assert loaded.encoding == "iso8859-1"
+    assert loaded.frame["nome"][0] == "NiccolÃ²"  # what the user asked for
+    with pytest.raises(InputError, match="delimiter"):
+        ContactSource.from_path(path, delimiter="::")
+    with pytest.raises(InputError, match="unknown encoding"):
+        ContactSource.from_path(path, encoding="klingon")
+
+
+def test_blank_lines_cr_endings_and_trailing_delimiters(tmp_path: Path) -> None:
+    text = "id;email;\r\r1;a@x.it;\r;;\r2;b@x.it;;\r3;c@x.it\r"
+    loaded = _load(_write(tmp_path / "mac.csv", text.encode()))
+    assert loaded.columns == ["id", "email"]
+    assert loaded.frame["id"].to_list() == ["1", "2", "3"]
+    assert loaded.frame["_line"].to_list() == [3, 5, 6]
+    assert loaded.rejected == []
+    loaded = _load(_write(tmp_path / "mid.csv", b"id;;email\n1;x;a@x.it\n"))
+    assert loaded.columns == ["id", "column_2", "email"]
+
+
+def test_header_only_gives_no_rows(tmp_path: Path) -> None:
+    loaded = _load(_write(tmp_path / "h.csv", b"id;email\n"))
+    assert loaded.frame.height == 0
+    assert loaded.columns == ["id", "email"]
+
+
+def test_duplicate_and_blank_header_names(tmp_path: Path) -> None:
+    loaded = _load(_write(tmp_path / "d.csv", b"email;Email; ;email;_line\n1;2;3;4;5\n"))
+    assert loaded.columns == ["email", "Email", "column_3", "email_2", "_line_source"]
+
+
+def test_unterminated_quote_rejects_its_line_and_resyncs(tmp_path: Path) -> None:
+    text = (
+        "id;email;note\n"
+        "1;a@x.it;ok\n"  # 2
+        '2;b@x.it;"never closed\n'  # 3
+        "3;c@x.it;fine\n"  # 4
+        '4;d@x.it;"two\nlines"\n'  # 5-6
+        "5;e@x.it;last\n"  # 7
+    )
+    loaded = _load(_write(tmp_path / "q.csv", text.encode()))
+    assert loaded.frame["id"].to_list() == ["1", "3", "4", "5"]
+    assert loaded.frame["_line"].to_list() == [2, 4, 5, 7]
+    assert loaded.frame["note"][2] == "two\nlines"
+    assert [r.line for r in loaded.rejected] == [3]
+
+
+def test_unterminated_quote_at_end_of_file(tmp_path: Path) -> None:
+    text = 'id;email\n1;a@x.it\n2;"b@x.it\n'
+    loaded = _load(_write(tmp_path / "eof.csv", text.encode()))
+    assert loaded.frame["id"].to_list() == ["1"]
+    assert [r.line for r in loaded.rejected] == [3]
+
+
+def test_stray_quote_inside_unquoted_field_is_literal(tmp_path: Path) -> None:
+    text = 'id;prodotto;email\n1;monitor 24" full hd;a@x.it\n2;tv;b@x.it\n'
+    loaded = _load(_write(tmp_path / "stray.csv", text.encode()))
+    assert loaded.frame["prodotto"].to_list() == ['monitor 24" full hd', "tv"]
+    assert loaded.rejected == []
+
+
+@pytest.mark.parametrize("window", [3, 8, 65_536])
+@pytest.mark.parametrize("irregular", [False, True])
+def test_fast_and_python_paths_agree(
+    window: int, irregular: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "WINDOW_LINES", window)
+    rows = ["id;nome;indirizzo;nota"]
+    for i in range(300):
+        addr = f'"Via {i}\nScala {i % 3}"' if i % 7 == 0 else f"Via {i}"
+        note = f'"a; b ""{i}"""' if i % 5 == 0 else ("" if i % 4 == 0 else f"n{i}")
+        rows.append(f"C{i};Nome {i};{addr};{note}")
+        if i % 50 == 0:
+            rows.append(f"C{i}bis;broken")
+        if irregular and i % 60 == 30:
+            rows.append(f'C{i}q;monitor 24" hd;Via Po;x')  # a stray quote, read literally
+        if irregular and i == 200:
+            rows.append(f'C{i}u;"never closed;Via Po;x')  # an unterminated quote
+    lines = "\n".join(rows).split("\n")
+    fast, fast_rej = sources._parse_lines(list(lines), ";", "t")
+    slow, slow_rej = sources._parse_python(list(lines), 0, ";", None, "t")
+    assert fast.equals(slow)
+    assert fast_rej == slow_rej
+    assert len(fast_rej) == (7 if irregular else 6)
+    assert fast.height == (305 if irregular else 300)
+
+
+def test_many_irregular_records_hand_over_to_csv_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "MAX_IRREGULAR_RECORDS", 5)
+    rows = ["id;misura"] + [f'{i};{i}" pollici' if i % 2 else f"{i};ok" for i in range(200)]
+    rows.insert(150, "broken")
+    fast, fast_rej = sources._parse_lines(list(rows), ";", "t")
+    slow, slow_rej = sources._parse_python(list(rows), 0, ";", None, "t")
+    assert fast.equals(slow) and fast_rej == slow_rej
+    assert fast.height == 200 and [r.line for r in fast_rej] == [151]
+    assert fast["misura"][1] == '1" pollici'
+
+
+def test_parquet_keeps_types(tmp_path: Path) -> None:
+    frame = pl.DataFrame(
+        {
+            "id": [10, 11],
+            "email": ["a@x.it", "b@x.it"],
+            "consenso": [True, False],
+            "nascita": [date(1980, 1, 2), date(1990, 3, 4)],
+        }
+    )
+    path = tmp_path / "c.parquet"
+    frame.write_parquet(path)
+    loaded = _load(path)
+    assert loaded.source is not None and loaded.source.kind == "parquet"
+    assert loaded.frame["_line"].to_list() == [1, 2]
+    assert loaded.frame.schema["id"] == pl.Int64
+    assert loaded.frame.schema["consenso"] == pl.Boolean
+    assert loaded.frame.drop("_line").equals(frame)
+
+
+def test_parquet_detected_by_magic_and_bad_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "export.bin"
+    pl.DataFrame({"email": ["a@x.it"]}).write_parquet(path)
+    assert ContactSource.from_path(path).kind == "parquet"
+    bad = _write(tmp_path / "bad.parquet", b"not parquet at all")
+    with pytest.raises(InputError, match=r"bad\.parquet: not a readable Parquet file"):
+        _load(bad)
+
+
+def test_sqlite_source(tmp_path: Path) -> None:
+    db = tmp_path / "crm.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table clienti (id integer, email text, provincia text)")
+        conn.executemany(
+            "insert into clienti values (?, ?, ?)",
+            [(1, "a@x.it", "MI"), (2, "b@x.it", "RM"), (3, "c@x.it", "MI")],
+        )
+    url = f"sqlite:///{db}"
+    source = ContactSource.parse(url, query="select * from clienti where provincia = 'MI'")
+    assert source.kind == "sql"
+    loaded = load(source)
+    assert loaded.frame["email"].to_list() == ["a@x.it", "c@x.it"]
+    assert loaded.frame["_line"].to_list() == [1, 2]
+    assert loaded.frame.schema["id"] == pl.Int64
+    with pytest.raises(InputError, match="query failed"):
+        load(ContactSource.from_sql(url, "select * from missing_table"))
+    with pytest.raises(InputError, match="no such database file"):
+        load(ContactSource.from_sql(f"sqlite:///{tmp_path / 'nope.db'}", "select 1"))
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_sql_source_needs_query_and_masks_password() -> None:
+    with pytest.raises(InputError, match="needs a query"):
+        ContactSource.parse("postgresql://u:secret@db/crm")
+    source = ContactSource.from_sql("postgresql://u:secret@db/crm", "select 1")
+    assert "secret" not in source.describe()
+    assert source.describe() == "postgresql://u:***@db/crm"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing.csv", "no such file"),
+        (lambda p: _write(p / "empty.csv", b""), "the file is empty"),
+        (lambda p: _write(p / "bom-only.csv", b"\xef\xbb\xbf\r\n  \n"), "the file is empty"),
+        (lambda p: p, "is a directory"),
+    ],
+)
+def test_unusable_files_name_the_file(tmp_path: Path, make: object, message: str) -> None:
+    path = make(tmp_path)  # type: ignore[operator]
+    with pytest.raises(InputError) as info:
+        read_csv(path)
+    text = str(info.value)
+    assert str(path) in text and message in text
+    assert "\n" not in text
+
+
+def test_workbook_is_refused_with_advice(tmp_path: Path) -> None:
+    path = _write(tmp_path / "contatti.csv", b"PK\x03\x04" + b"\x00" * 100)
+    with pytest.raises(InputError, match="spreadsheet workbook"):
+        _load(path)
+
+
+def test_detect_encoding_and_sniff_delimiter() -> None:
+    assert sources.detect_encoding(b"\xef\xbb\xbfa;b") == "utf-8-sig"
+    assert sources.detect_encoding("a;b\nè".encode()) == "utf-8"
+    assert sources.detect_encoding("a;b\nàèìòù €\n".encode("cp1252")) == "cp1252"
+    assert sources.detect_encoding("a;b\n".encode("utf-16")) == "utf-16"
+    assert sources.sniff_delimiter("a;b;c\n1;2,5;3\n") == ";"
+    assert sources.sniff_delimiter('a,b,c\n1,"x;y",3\n') == ","
+    assert sources.sniff_delimiter("a\tb\n1\t2\n") == "\t"
+    assert sources.sniff_delimiter("email\nx@y.it\n") == ","
+
+
+def test_utf16_with_bom(tmp_path: Path) -> None:
+    text = "id\temail\tnome\r\n1\ta@x.it\tNiccolò\r\n"
+    loaded = _load(_write(tmp_path / "excel-unicode.txt", text.encode("utf-16")))
+    assert loaded.delimiter == "\t"
+    assert loaded.frame["nome"].to_list() == ["Niccolò"]

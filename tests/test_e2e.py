@@ -1,0 +1,70 @@
+"""The ``make demo`` path on 2,000 contacts, checked against the sandbox Maildirs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from recapito.ledger import Ledger
+from recapito.sandbox.maildir import read_maildirs
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_demo_path_delivers_every_accepted_message_exactly_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECAPITO_"))}
+    env["RECAPITO_HOME"] = str(tmp_path / "var")
+    env["HOME"] = str(tmp_path)  # the Prefect client's own files stay out of the user's home
+    cmd = [
+        sys.executable,
+        "-m",
+        "recapito.cli",
+        "demo",
+        "--contacts",
+        "2000",
+        "--exit",
+        "--name",
+        "e2e",
+        "--mx-port",
+        "0",
+        "--dns-port",
+        "0",
+        "--prefect-port",
+        str(_free_port()),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "0 missing, 0 duplicated, 0 unexpected" in output
+    assert "Prefect UI: http://127.0.0.1:" in output
+
+    # check independently: ledger rows against the Maildirs the MX servers wrote
+    home = tmp_path / "var"
+    ledger = Ledger(f"sqlite:///{home / 'recapito.db'}", run_migrations=False)
+    campaign = ledger.get_campaign("e2e")
+    assert campaign is not None
+    rows = ledger.deliveries_of(campaign.id)
+    ledger.close()
+    states = Counter(r["state"] for r in rows)
+    assert set(states) <= {"accepted", "failed"}, states  # every contact in a final state
+    assert states["accepted"] > 1500
+    stored = Counter(m.delivery_id for m in read_maildirs(home / "sandbox" / "maildir"))
+    accepted = {str(r["id"]) for r in rows if r["state"] == "accepted"}
+    assert set(stored) == accepted
+    assert max(stored.values()) == 1
+    message_ids = [r["message_id"] for r in rows if r["state"] == "accepted"]
+    assert len(set(message_ids)) == len(message_ids)
+    # nothing is left running
+    assert not (home / "sandbox" / "state.json").exists()
