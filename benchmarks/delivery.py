@@ -118,13 +118,15 @@ def make_template(root: Path) -> Path:
     block = (
         '<tr><td style="padding:16px 24px;font-family:Arial,sans-serif;font-size:15px;'
         'line-height:22px;color:#1d2939">'
-        "<h2 style=\"margin:0 0 8px 0;font-size:18px\">{{ titolo }} {{ loop.index }}</h2>"
-        "<p style=\"margin:0\">Gentile {{ nome }} {{ cognome }}, " + "testo del blocco " * 40 +
-        '</p><p><a href="https://www.banca-esempio.test/offerta/{{ loop.index }}" '
+        '<h2 style="margin:0 0 8px 0;font-size:18px">{{ titolo }} {{ loop.index }}</h2>'
+        '<p style="margin:0">Gentile {{ nome }} {{ cognome }}, '
+        + "testo del blocco "
+        * 40
+        + '</p><p><a href="https://www.banca-esempio.test/offerta/{{ loop.index }}" '
         'style="color:#0b3d91">Scopri di più</a></p></td></tr>\n'
     )
     html = (
-        "<!doctype html><html><body style=\"margin:0;background:#f2f4f7\">"
+        '<!doctype html><html><body style="margin:0;background:#f2f4f7">'
         '<table role="presentation" width="100%" cellpadding="0" cellspacing="0">'
         "{% for _ in range(11) %}" + block + "{% endfor %}</table></body></html>"
     )
@@ -237,8 +239,10 @@ def main() -> int:
     else:
         print(f"sink: {kind}; message size {size:,} bytes")
         print(f"engine  {engine:8.1f} msgs/s  ({args.messages} messages, ledger commits included)")
-        print(f"naive   {naive:8.1f} msgs/s  ({args.naive_messages} messages, smtplib, "
-              "one connection each)")
+        print(
+            f"naive   {naive:8.1f} msgs/s  ({args.naive_messages} messages, smtplib, "
+            "one connection each)"
+        )
         print(f"ratio   {engine / naive:8.2f}x")
     return 0
 
