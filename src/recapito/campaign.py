@@ -110,6 +110,27 @@ def _source(params: CampaignParams) -> ContactSource:
     )
 
 
+def preflight(params: CampaignParams) -> None:
+    """Checks cheap enough to run before any orchestration starts.
+
+    The template must compile and a contact file must exist and be readable, so the
+    commonest mistakes are reported at once, in one line.
+    """
+    load_template(params.template)
+    source = _source(params)
+    if source.kind != "sql" and source.path is not None:
+        path = Path(source.path)
+        name = f"contacts file {path}"
+        if not path.exists():
+            raise InputError(f"{name}: no such file")
+        if path.is_dir():
+            raise InputError(f"{name}: is a directory, not a file")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{name}: permission denied")
+        if path.stat().st_size == 0:
+            raise InputError(f"{name}: the file is empty")
+
+
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
     """Target, check the template against the data, plan the ledger rows."""
     template = load_template(params.template)  # fails before anything else on a bad template

@@ -7,6 +7,7 @@ exit with status 2; they never show a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -120,11 +121,34 @@ def campaign_run(
     _print_report(report, as_json)
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for errors the user can
+    fix (bad input, bad template) the one-line message says everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RecapitoError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    names = ["", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in handler.filters):
+                handler.addFilter(_UserErrorsWithoutTraceback())
+
+
 def run_campaign(params: Any, home: Path) -> dict[str, Any]:
     """Run the campaign flow in this process and return its report."""
+    from recapito.campaign import preflight
+
+    preflight(params)
     prefect_environment(home)
     from flows.campaign import campaign_flow
 
+    quiet_user_error_tracebacks()
     result: dict[str, Any] = campaign_flow(params)
     return result
 

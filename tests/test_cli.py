@@ -1,0 +1,144 @@
+"""The command line: bad input gives one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEMO_TEMPLATE = Path(__file__).parents[1] / "src" / "recapito" / "sandbox" / "demo_template"
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECAPITO_"))}
+    env.update(
+        RECAPITO_HOME=str(tmp_path / "var"),
+        HOME=str(tmp_path),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "recapito.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("contacts", "expected"),
+    [
+        ("missing.csv", "missing.csv: no such file"),
+        (".", "is a directory"),
+        ("empty.csv", "the file is empty"),
+    ],
+)
+def test_unreadable_contact_file_is_one_line(tmp_path: Path, contacts: str, expected: str) -> None:
+    (tmp_path / "empty.csv").write_bytes(b"")
+    path = str(tmp_path / contacts) if contacts != "." else str(tmp_path)
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "x",
+        "--contacts",
+        path,
+        "--template",
+        str(DEMO_TEMPLATE),
+    )
+    _one_line_error(result, expected)
+
+
+def test_bad_parameters_are_one_line(tmp_path: Path) -> None:
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "bad/name",
+        "--contacts",
+        "x.csv",
+        "--template",
+        str(DEMO_TEMPLATE),
+    )
+    _one_line_error(result, "--name")
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "ok",
+        "--contacts",
+        "x.csv",
+        "--template",
+        str(DEMO_TEMPLATE),
+        "--sender",
+        "not-an-address",
+    )
+    _one_line_error(result, "--sender")
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "ok",
+        "--contacts",
+        "x.csv",
+        "--template",
+        str(tmp_path / "nope"),
+    )
+    _one_line_error(result, "no template.toml")
+
+
+def test_unknown_campaign_report_is_one_line(tmp_path: Path) -> None:
+    _one_line_error(_run(tmp_path, "campaign", "report", "nope"), "no campaign named 'nope'")
+
+
+def test_undefined_placeholder_fails_before_sending(tmp_path: Path) -> None:
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    (tpl / "template.toml").write_text('subject = "Saldo {{ saldo_conto }}"\n')
+    (tpl / "body.html").write_text("<p>{{ nome }}</p>")
+    contacts = tmp_path / "c.csv"
+    contacts.write_bytes(b"email;nome\nanna@postaveloce.test;Anna\n")
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "x",
+        "--contacts",
+        str(contacts),
+        "--template",
+        str(tpl),
+    )
+    _one_line_error(result, "template 'tpl': undefined placeholder 'saldo_conto'")
+    report = _run(tmp_path, "campaign", "report", "x")
+    _one_line_error(report, "no campaign named 'x'")  # nothing was planned, nothing sent
+
+
+def test_report_json(tmp_path: Path) -> None:
+    from recapito.ledger import Ledger, PlannedDelivery
+
+    home = tmp_path / "var"
+    ledger = Ledger(f"sqlite:///{home / 'recapito.db'}")
+    camp = ledger.ensure_campaign("rep", sender="a@b.test", template_hash="h" * 64, params={})
+    ledger.plan(camp.id, [PlannedDelivery("1", "x@y.test", "y.test", 0)])
+    ledger.close()
+    result = _run(tmp_path, "campaign", "report", "rep", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    data = json.loads(result.stdout)
+    assert data["funnel"]["targeted"] == 1 and data["funnel"]["pending"] == 1
