@@ -6,6 +6,9 @@
 ``RECAPITO_MX_PORT``     TCP port of recipient MX servers (default 25)
 ``RECAPITO_TLS_CA_FILE`` extra trust anchors (PEM) added to the system store
 ``RECAPITO_HELO_NAME``   FQDN used in EHLO (default: the host's FQDN)
+``RECAPITO_HTTPS_PORT``  port of MTA-STS policy hosts (default 443)
+``RECAPITO_DANE_RESOLVER`` ``HOST:PORT`` of a local validating resolver whose AD bit is trusted;
+                         when set, every lookup goes through it and DANE is checked
 
 ``recapito sandbox up`` writes ``$RECAPITO_HOME/sandbox/settings.json`` with the values that
 point the CLI and the flows at the local mail world; explicit environment variables win.
@@ -27,6 +30,8 @@ SETTING_NAMES = (
     "RECAPITO_MX_PORT",
     "RECAPITO_TLS_CA_FILE",
     "RECAPITO_HELO_NAME",
+    "RECAPITO_HTTPS_PORT",
+    "RECAPITO_DANE_RESOLVER",
 )
 
 
@@ -70,6 +75,8 @@ class Settings:
     mx_port: int
     tls_ca_file: Path | None
     helo_name: str
+    https_port: int = 443
+    dane_resolver: tuple[str, int] | None = None
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> Settings:
@@ -93,6 +100,11 @@ class Settings:
         if ca_path is not None and not ca_path.is_file():
             raise ConfigError(f"RECAPITO_TLS_CA_FILE={ca}: no such file")
         helo = merged.get("RECAPITO_HELO_NAME") or socket.getfqdn() or "localhost.localdomain"
+        https_text = merged.get("RECAPITO_HTTPS_PORT", "443")
+        if not https_text.isdigit() or not 0 < int(https_text) < 65536:
+            raise ConfigError(f"RECAPITO_HTTPS_PORT={https_text!r}: expected a TCP port number")
+        dane_text = merged.get("RECAPITO_DANE_RESOLVER")
+        dane = parse_hostport(dane_text, "RECAPITO_DANE_RESOLVER") if dane_text else None
         return cls(
             home=home,
             db_url=db_url,
@@ -100,4 +112,6 @@ class Settings:
             mx_port=int(port_text),
             tls_ca_file=ca_path,
             helo_name=helo,
+            https_port=int(https_text),
+            dane_resolver=dane,
         )
