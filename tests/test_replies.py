@@ -26,7 +26,7 @@ from recapito.ledger import State
         (
             530,
             "5.7.0 Must issue a STARTTLS command first",
-            State.FAILED,
+            State.INSECURE_CHANNEL,
             "insecure_channel",
             "5.7.0",
         ),
@@ -41,5 +41,10 @@ def test_classify(code: int, text: str, state: State, reason: str, status: str |
     assert (verdict.state, verdict.reason, verdict.status) == (state, reason, status)
     assert (
         verdict.permanence
-        == {State.ACCEPTED: "none", State.DEFERRED: "temporary", State.FAILED: "permanent"}[state]
+        == {
+            State.ACCEPTED: "none",
+            State.DEFERRED: "temporary",
+            State.FAILED: "permanent",
+            State.INSECURE_CHANNEL: "permanent",
+        }[state]
     )

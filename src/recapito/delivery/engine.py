@@ -22,14 +22,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 from recapito.delivery.dns import MXHost, MXResolver, MXResult
 from recapito.delivery.replies import classify_reply
 from recapito.delivery.smtp import ConnectFailed, MXSession, SessionLost, SMTPReply
+from recapito.delivery.tls import client_context
 from recapito.errors import TemplateError
 from recapito.ledger import Claim, Ledger, MXFacts, Outcome, State
 from recapito.ledger.store import utcnow
 from recapito.render.template import RenderedMessage
+from recapito.security.policy import (
+    LEVELS,
+    STABLE_REASONS,
+    HostVerdict,
+    RecipientPolicy,
+    TLSPolicy,
+    judge_host,
+)
 
 Renderer = Callable[[Claim], RenderedMessage]
 
@@ -47,6 +57,7 @@ class DeliveryOptions:
     command_timeout: float = 60.0
     retry_after: timedelta = timedelta(minutes=5)
     mx_facts_ttl: timedelta = timedelta(hours=24)
+    tls_policy: TLSPolicy = field(default_factory=TLSPolicy)
 
 
 @dataclass
@@ -67,14 +78,36 @@ class DeliveryStats:
         }
 
 
+class RecipientPolicies(Protocol):
+    """Where recipient-published policies (DANE, MTA-STS) come from."""
+
+    async def for_host(
+        self, mx: MXResult, host: MXHost, port: int, *, refresh: bool = False
+    ) -> RecipientPolicy: ...
+
+
+class NoRecipientPolicies:
+    """Recipient policies not checked (no validating resolver, no MTA-STS lookups)."""
+
+    async def for_host(
+        self, mx: MXResult, host: MXHost, port: int, *, refresh: bool = False
+    ) -> RecipientPolicy:
+        return RecipientPolicy()
+
+
 @dataclass
 class _Group:
-    """Recipients whose domains share the same MX host list."""
+    """Recipients served by the same MX host list (and, with policies, the same domain)."""
 
-    hosts: tuple[MXHost, ...]
+    mx: MXResult
     queue: asyncio.Queue[tuple[Claim, int]]
     connected: int = 0
     unreachable: list[str] = field(default_factory=list)
+    verdicts: dict[str, HostVerdict] = field(default_factory=dict)
+
+    @property
+    def hosts(self) -> tuple[MXHost, ...]:
+        return self.mx.hosts
 
 
 class DeliveryRun:
@@ -84,16 +117,23 @@ class DeliveryRun:
         options: DeliveryOptions,
         render: Renderer,
         resolver: MXResolver,
+        policies: RecipientPolicies | None = None,
     ) -> None:
         self.ledger = ledger
         self.options = options
         self.render = render
         self.resolver = resolver
+        self.policies = policies or NoRecipientPolicies()
+        self._checks_policies = policies is not None
         self.stats = DeliveryStats()
         self._done: set[int] = set()  # delivery ids with a recorded outcome
         self._host_slots: dict[str, asyncio.Semaphore] = {}
         self._global_slots = asyncio.Semaphore(options.max_connections)
         self._facts_saved: set[str] = set()
+        # what each MX host offered in earlier runs, read once per host (downgrade check)
+        self._known: dict[str, MXFacts | None] = {}
+        # stable shortfalls already confirmed by a second connection in this run
+        self._confirmed: dict[str, HostVerdict] = {}
 
     # ---- outcomes ----------------------------------------------------------------------
 
@@ -152,7 +192,7 @@ class DeliveryRun:
                 permanence=None if accepted else verdict.permanence,
                 tls_version=session.tls.version,
                 tls_cipher=session.tls.cipher,
-                tls_level=session.tls.level,
+                tls_level=session.level,
                 message_id=msg_id,
                 next_attempt_at=(
                     utcnow() + self.options.retry_after if verdict.state == State.DEFERRED else None
@@ -187,33 +227,174 @@ class DeliveryRun:
             )
         )
 
+    def _session(self, host: MXHost, address: str) -> MXSession:
+        return MXSession(
+            host.name,
+            address,
+            self.options.mx_port,
+            helo_name=self.options.helo_name,
+            extra_ca_file=self.options.extra_ca_file,
+            connect_timeout=self.options.connect_timeout,
+            command_timeout=self.options.command_timeout,
+        )
+
+    def _known_facts(self, host: str) -> MXFacts | None:
+        if host not in self._known:
+            self._known[host] = self.ledger.get_mx_facts(host)
+        return self._known[host]
+
+    async def _classify_legacy(self, host: MXHost, address: str) -> HostVerdict:
+        """A host whose STARTTLS failed under the modern context: find its real level on a
+        separate connection with the legacy context. Nothing is ever sent on it."""
+        probe = self._session(host, address)
+        try:
+            await probe.open(client_context(legacy=True))
+        except ConnectFailed as exc:
+            return HostVerdict(host.name, "L0", False, "validation-failure", detail=str(exc))
+        finally:
+            await probe.close()
+        self.stats.connections += 1
+        return HostVerdict(
+            host.name,
+            "L1",
+            False,
+            "tls-version-too-low",
+            detail=f"negotiates only {probe.tls.version}",
+            facts={"tls_version": probe.tls.version, "cipher": probe.tls.cipher},
+        )
+
+    async def _judge(self, group: _Group, host: MXHost, session: MXSession) -> HostVerdict:
+        """The verdict on a freshly opened session, refreshing recipient policies once."""
+        known = self._known_facts(host.name)
+        if not session.starttls_offered and known is not None and known.ever_offered_starttls:
+            return HostVerdict(
+                host.name,
+                "L0",
+                False,
+                "starttls-not-supported",
+                defer=True,
+                detail="STARTTLS offered before and missing now: downgrade suspected",
+            )
+        verdict = HostVerdict(host.name, "L0", False)
+        for refresh in (False, True):
+            recipient = await self.policies.for_host(
+                group.mx, host, self.options.mx_port, refresh=refresh
+            )
+            verdict = judge_host(
+                host.name,
+                version=session.tls.version,
+                cipher=session.tls.cipher,
+                cert_verdict=session.tls.cert_verdict,
+                policy=self.options.tls_policy,
+                recipient=recipient,
+            )
+            # a failure under a recipient policy is judged again after refreshing it
+            if verdict.send or verdict.defer or not _policy_failure(verdict, recipient):
+                break
+        return verdict
+
     async def _connect(self, group: _Group) -> tuple[MXSession, asyncio.Semaphore] | None:
-        """A session with the most preferred reachable MX host, holding its host slot."""
+        """A session with the most preferred MX host that qualifies, holding its host slot.
+
+        Hosts are tried in preference order. A host reached but below the required level is
+        remembered in ``group.verdicts`` and skipped, like an unreachable one.
+        """
         errors: list[str] = []
+        strict = self.options.tls_policy.needs_modern_tls
         for host in group.hosts:
+            cached = group.verdicts.get(host.name) or self._confirmed.get(host.name)
+            if cached is not None and not cached.send:
+                group.verdicts[host.name] = cached
+                continue
             slots = self._slots(host.name)
             await slots.acquire()
             for address in host.addresses:
-                session = MXSession(
-                    host.name,
-                    address,
-                    self.options.mx_port,
-                    helo_name=self.options.helo_name,
-                    extra_ca_file=self.options.extra_ca_file,
-                    connect_timeout=self.options.connect_timeout,
-                    command_timeout=self.options.command_timeout,
-                )
+                session = self._session(host, address)
                 try:
-                    await session.open()
+                    await session.open(client_context(legacy=not strict))
                 except ConnectFailed as exc:
+                    if exc.tls_failed and strict:
+                        group.verdicts[host.name] = await self._classify_legacy(host, address)
+                        break
                     errors.append(str(exc))
                     continue
                 self.stats.connections += 1
                 self._save_facts(session)
-                return session, slots
+                verdict = await self._judge(group, host, session)
+                if verdict.send:
+                    group.verdicts[host.name] = verdict
+                    session.verdict = verdict
+                    return session, slots
+                await session.close()
+                if verdict.reason in STABLE_REASONS and not verdict.defer:
+                    verdict = await self._confirm(group, host, address, verdict, strict)
+                group.verdicts[host.name] = verdict
+                break
             slots.release()
         group.unreachable = errors
         return None
+
+    async def _confirm(
+        self, group: _Group, host: MXHost, address: str, first: HostVerdict, strict: bool
+    ) -> HostVerdict:
+        """One confirming connection before a stable shortfall (no STARTTLS, old TLS) counts."""
+        if host.name in self._confirmed:
+            return self._confirmed[host.name]
+        again = self._session(host, address)
+        try:
+            await again.open(client_context(legacy=not strict))
+        except ConnectFailed as exc:
+            if exc.tls_failed and strict:
+                verdict = await self._classify_legacy(host, address)
+            else:
+                return HostVerdict(
+                    host.name, first.level, False, "connection_failed", defer=True, detail=str(exc)
+                )
+        else:
+            self.stats.connections += 1
+            verdict = await self._judge(group, host, again)
+            await again.close()
+        if verdict.send or verdict.reason != first.reason:
+            # the host changed its answer between two connections: try again later
+            return HostVerdict(
+                host.name,
+                first.level,
+                False,
+                first.reason,
+                defer=True,
+                detail="inconsistent answers on two connections",
+            )
+        self._confirmed[host.name] = verdict
+        return verdict
+
+    def _conclude(self, group: _Group) -> tuple[str, str, Outcome | None]:
+        """Why nothing could be sent to this group, as (reason, text, outcome template)."""
+        tried = "; ".join(
+            f"{v.host} {v.level} {v.reason}" + (f" ({v.detail})" if v.detail else "")
+            for v in group.verdicts.values()
+        )
+        unreachable = "; ".join(group.unreachable)
+        text = "MX tried: " + "; ".join(x for x in (tried, unreachable) if x)
+        deferring = [v for v in group.verdicts.values() if v.defer]
+        if deferring:
+            return deferring[0].reason or "deferred", text, None
+        reached_all = group.verdicts and len(group.verdicts) == len(group.hosts)
+        if reached_all and not group.unreachable:
+            verdicts = list(group.verdicts.values())
+            best = max(verdicts, key=lambda v: LEVELS.index(v.level))
+            outcome = Outcome(
+                State.INSECURE_CHANNEL,
+                mx_host=verdicts[0].host,
+                reason=verdicts[0].reason,
+                permanence="permanent",
+                reply_status="5.7.10",
+                reply_text=text[:1000],
+                tls_level=best.level,
+                tls_version=best.facts.get("tls_version"),
+                tls_cipher=best.facts.get("cipher"),
+            )
+            return verdicts[0].reason or "insecure_channel", text, outcome
+        return "connection_failed", text, None
 
     async def _worker(self, group: _Group) -> None:
         async with self._global_slots:
@@ -221,11 +402,16 @@ class DeliveryRun:
                 connected = await self._connect(group)
                 if connected is None:
                     if group.connected == 0:
-                        # nobody can reach this destination: every waiting message is deferred
-                        text = "; ".join(group.unreachable) or "no MX host reachable"
+                        # no qualifying MX host for this destination: every waiting message
+                        # ends insecure_channel (all hosts reached, none good enough) or is
+                        # deferred (unreachable hosts, suspected downgrade, bogus DNSSEC)
+                        reason, text, outcome = self._conclude(group)
                         while not group.queue.empty():
                             claim, _ = group.queue.get_nowait()
-                            self._defer(claim, "connection_failed", text)
+                            if outcome is not None:
+                                self._record(claim, outcome)
+                            else:
+                                self._defer(claim, reason, text)
                     return
                 session, slots = connected
                 group.connected += 1
@@ -266,7 +452,7 @@ class DeliveryRun:
                             message_id=rendered.message_id,
                             tls_version=session.tls.version,
                             tls_cipher=session.tls.cipher,
-                            tls_level=session.tls.level,
+                            tls_level=session.level,
                         ),
                     )
                 elif tries >= 2:
@@ -287,16 +473,20 @@ class DeliveryRun:
             for claim in claims:
                 by_domain.setdefault(claim.domain, []).append(claim)
             results = await asyncio.gather(*(self.resolver.resolve(d) for d in by_domain))
-            groups: dict[tuple[str, ...], _Group] = {}
+            groups: dict[tuple[tuple[str, ...], str], _Group] = {}
             for domain_claims, result in zip(by_domain.values(), results, strict=True):
                 if result.error is not None:
                     for claim in domain_claims:
                         self._dns_outcome(claim, result)
                     continue
-                key = tuple(h.name for h in result.hosts)
+                # recipient policies (MTA-STS) are per domain: group per domain when checked
+                key = (
+                    tuple(h.name for h in result.hosts),
+                    result.domain if self._checks_policies else "",
+                )
                 group = groups.get(key)
                 if group is None:
-                    group = groups[key] = _Group(result.hosts, asyncio.Queue())
+                    group = groups[key] = _Group(result, asyncio.Queue())
                 for claim in domain_claims:
                     group.queue.put_nowait((claim, 0))
             workers = []
@@ -311,3 +501,8 @@ class DeliveryRun:
                 self.ledger.release(leftover)
             self.stats.seconds = time.perf_counter() - started
         return self.stats
+
+
+def _policy_failure(verdict: HostVerdict, recipient: RecipientPolicy) -> bool:
+    """Did the host fail because of what the recipient published (worth a policy refresh)?"""
+    return recipient.dane == "mismatch" or (recipient.sts_enforced and not verdict.send)

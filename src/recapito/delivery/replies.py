@@ -94,4 +94,7 @@ def classify_reply(code: int, text: str) -> ReplyVerdict:
         return ReplyVerdict(State.DEFERRED, reason, "temporary", status)
     if reason == "greylisted":
         reason = "unknown"
+    if reason == "insecure_channel":
+        # the remote demands a TLS we did not use: a dedicated outcome, not a bounce
+        return ReplyVerdict(State.INSECURE_CHANNEL, reason, "permanent", status)
     return ReplyVerdict(State.FAILED, reason, "permanent", status)

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import aiosmtplib
 
-from recapito.delivery.tls import TLSFacts, certificate_verdict, opportunistic_context
+from recapito.delivery.tls import (
+    TLSFacts,
+    certificate_verdict,
+    client_context,
+    presented_chain,
+)
+from recapito.security.policy import HostVerdict
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,15 @@ class SMTPReply:
 
 
 class ConnectFailed(Exception):
-    """No session could be set up with this host (refused, timeout, 4xx/5xx banner, TLS)."""
+    """No session could be set up with this host (refused, timeout, 4xx/5xx banner, TLS).
+
+    ``tls_failed`` is True when the server offered STARTTLS and the handshake failed: the
+    host was reached, and its level may be found with a more permissive context.
+    """
+
+    def __init__(self, message: str, *, tls_failed: bool = False) -> None:
+        super().__init__(message)
+        self.tls_failed = tls_failed
 
 
 class SessionLost(Exception):
@@ -61,10 +75,15 @@ class MXSession:
         self.command_timeout = command_timeout
         self.starttls_offered = False
         self.tls = TLSFacts(None, None, None)
+        self.verdict: HostVerdict | None = None  # set once the host is judged fit to send
         self.sent = 0
         self._smtp: aiosmtplib.SMTP | None = None
 
     async def open(self, tls_context: ssl.SSLContext | None = None) -> None:
+        """Connect, EHLO and, when offered, STARTTLS with ``tls_context``.
+
+        Without a context the legacy-capable one is used (opportunistic delivery).
+        """
         smtp = aiosmtplib.SMTP(
             hostname=self.address,
             port=self.port,
@@ -78,18 +97,27 @@ class MXSession:
             await smtp.ehlo()
             self.starttls_offered = smtp.supports_extension("starttls")
             if self.starttls_offered:
-                await smtp.starttls(
-                    tls_context=tls_context or opportunistic_context(),
-                    server_hostname=self.mx_host,
-                )
+                try:
+                    await smtp.starttls(
+                        tls_context=tls_context or client_context(legacy=True),
+                        server_hostname=self.mx_host,
+                    )
+                except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+                    raise ConnectFailed(
+                        f"{self.mx_host}: TLS handshake failed: {exc}", tls_failed=True
+                    ) from exc
                 ssl_object = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
                 if ssl_object is None:
-                    raise ConnectFailed(f"{self.mx_host}: STARTTLS did not produce a TLS session")
+                    raise ConnectFailed(
+                        f"{self.mx_host}: STARTTLS did not produce a TLS session", tls_failed=True
+                    )
                 cipher = ssl_object.cipher()
+                chain = presented_chain(ssl_object)
                 self.tls = TLSFacts(
                     version=ssl_object.version(),
                     cipher=cipher[0] if cipher else None,
-                    cert_verdict=certificate_verdict(ssl_object, self.mx_host, self.extra_ca_file),
+                    cert_verdict=certificate_verdict(chain, self.mx_host, self.extra_ca_file),
+                    chain=chain,
                 )
         except ConnectFailed:
             smtp.close()
@@ -144,6 +172,11 @@ class MXSession:
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             self._smtp.close()
             self._smtp = None
+
+    @property
+    def level(self) -> str:
+        """The host's level: the verdict's (which knows recipient policies) once judged."""
+        return self.verdict.level if self.verdict is not None else self.tls.level
 
     @property
     def is_open(self) -> bool:

@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 
-LEGACY_VERSIONS = frozenset({"SSLv3", "TLSv1", "TLSv1.1"})
-WEAK_CIPHER_MARKERS = ("RC4", "3DES", "DES-CBC", "NULL", "EXPORT", "MD5")
+from recapito.security.policy import transport_level
+
 # DER encoding selector of the certificate objects CPython 3.11/3.12 return from
 # the private get_unverified_chain() (ssl.ENCODING_DER is not exported).
 _ENCODING_DER = 2
@@ -32,24 +32,33 @@ class TLSFacts:
     version: str | None  # e.g. "TLSv1.3"; None for cleartext
     cipher: str | None
     cert_verdict: str | None  # "valid" or a TLS-RPT style failure reason; None in cleartext
+    chain: tuple[bytes, ...] = ()  # DER certificates as presented, leaf first
 
     @property
     def level(self) -> str:
-        if self.version is None:
-            return "L0"
-        if self.version in LEGACY_VERSIONS or any(
-            m in (self.cipher or "") for m in WEAK_CIPHER_MARKERS
-        ):
-            return "L1"
-        return "L3" if self.cert_verdict == "valid" else "L2"
+        """L0–L3 from the handshake alone (L4 needs the recipient's policy)."""
+        return transport_level(self.version, self.cipher, self.cert_verdict)
 
 
-def opportunistic_context() -> ssl.SSLContext:
-    """Encrypt with whatever the server offers; the certificate is judged separately."""
+def client_context(*, legacy: bool) -> ssl.SSLContext:
+    """A client context that negotiates without verifying; the certificate is judged offline.
+
+    ``legacy=False`` refuses anything below TLS 1.2 during the handshake itself (what
+    secure delivery at L2+ uses); ``legacy=True`` also speaks TLS 1.0/1.1 and old ciphers,
+    for opportunistic delivery and for classifying old servers. Secure delivery never
+    sends through a legacy context.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if legacy:
+        with warnings.catch_warnings():
+            # deprecated on purpose: old servers must still be reachable and classified
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    else:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
 
@@ -69,10 +78,8 @@ def trust_store(extra_ca_file: Path | None) -> verification.Store:
     return verification.Store(certs)
 
 
-def certificate_verdict(
-    ssl_object: Any, server_name: str, extra_ca_file: Path | None, now: datetime | None = None
-) -> str:
-    """Verify the presented chain for ``server_name``; returns "valid" or a reason."""
+def presented_chain(ssl_object: Any) -> tuple[bytes, ...]:
+    """The certificates the server sent, DER, leaf first (just the leaf if that is all we get)."""
     raw_chain: list[bytes] = []
     inner = getattr(ssl_object, "_sslobj", ssl_object)
     getter = getattr(inner, "get_unverified_chain", None)
@@ -83,9 +90,20 @@ def certificate_verdict(
             )
     if not raw_chain:
         leaf_der = ssl_object.getpeercert(binary_form=True)
-        if not leaf_der:
-            return "validation-failure"
-        raw_chain = [leaf_der]
+        if leaf_der:
+            raw_chain = [leaf_der]
+    return tuple(raw_chain)
+
+
+def certificate_verdict(
+    raw_chain: tuple[bytes, ...],
+    server_name: str,
+    extra_ca_file: Path | None,
+    now: datetime | None = None,
+) -> str:
+    """Verify a presented chain for ``server_name``; returns "valid" or a TLS-RPT reason."""
+    if not raw_chain:
+        return "validation-failure"
     try:
         chain = [x509.load_der_x509_certificate(der) for der in raw_chain]
     except ValueError:

@@ -1,0 +1,1 @@
+"""Transport security toward recipient MX hosts: levels, recipient policies, decisions."""

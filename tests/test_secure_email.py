@@ -1,0 +1,129 @@
+"""Secure Email: every sandbox posture under every policy, against the real MX servers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+from recapito.delivery.dns import MXResolver
+from recapito.delivery.engine import DeliveryOptions, DeliveryRun
+from recapito.ledger import Claim, Ledger, PlannedDelivery
+from recapito.render.template import RenderedMessage, message_id_for
+from recapito.sandbox.runtime import Sandbox
+from recapito.security.policy import TLSPolicy
+
+SENDER = "news@banca-esempio.test"
+POLICIES = ["opportunistic", "secure:L1", "secure:L2", "secure:L3", "secure:L4"]
+SENT, INS, DEF = "accepted", "insecure_channel", "deferred"
+# domain -> expected state per policy (opportunistic, L1, L2, L3, L4), reason when not sent
+MATRIX: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "mailitalia.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),  # TLS 1.3, valid cert
+    "casella.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),  # TLS 1.2 only
+    "aziendale.test": ((SENT, SENT, SENT, INS, INS), "certificate-not-trusted"),  # self-signed
+    "studio-legale.test": ((SENT, SENT, SENT, INS, INS), "certificate-expired"),
+    "hosting-condiviso.test": ((SENT, SENT, SENT, INS, INS), "certificate-host-mismatch"),
+    "vecchiaposta.test": ((SENT, INS, INS, INS, INS), "starttls-not-supported"),  # no STARTTLS
+    # dead primary MX: a qualifying secondary gets the mail; when the secondary does not
+    # qualify, the unreachable primary might have: deferred, never insecure_channel
+    "doppio-mx.test": ((SENT, SENT, SENT, SENT, DEF), "connection_failed"),
+}
+
+
+def _run(box: Sandbox, ledger: Ledger, camp: str, policy: str) -> None:
+    campaign = ledger.get_campaign(camp)
+    assert campaign is not None
+
+    def render(claim: Claim) -> RenderedMessage:
+        mid = message_id_for(camp, claim.delivery_id, "banca-esempio.test")
+        data = (
+            f"From: {SENDER}\r\nTo: {claim.address}\r\nSubject: t\r\nMessage-ID: {mid}\r\n"
+            f"X-Recapito-Campaign: {camp}\r\nX-Recapito-Delivery: {claim.delivery_id}\r\n\r\nx\r\n"
+        ).encode()
+        return RenderedMessage(mid, "t", data)
+
+    options = DeliveryOptions(
+        sender=SENDER,
+        helo_name="mta.banca-esempio.test",
+        mx_port=box.mx_port,
+        extra_ca_file=box.ca_file,
+        tls_policy=TLSPolicy.parse(policy),
+    )
+    claims = ledger.claim_chunk(campaign.id, 0, worker="matrix")
+    asyncio.run(DeliveryRun(ledger, options, render, MXResolver(box.dns_address)).run(claims))
+
+
+@pytest.mark.parametrize("policy_index", range(len(POLICIES)), ids=POLICIES)
+def test_posture_policy_matrix(sandbox: Sandbox, tmp_path: Path, policy_index: int) -> None:
+    policy = POLICIES[policy_index]
+    tag = uuid.uuid4().hex[:8]
+    camp = f"matrix-{policy.replace(':', '-')}-{tag}"
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    c = ledger.ensure_campaign(camp, sender=SENDER, template_hash="t" * 64, params={})
+    ledger.plan(
+        c.id,
+        [
+            PlannedDelivery(f"{domain}#{i}", f"u{i}.{tag}@{domain}", domain, 0)
+            for domain in MATRIX
+            for i in range(2)
+        ],
+    )
+    _run(sandbox, ledger, camp, policy)
+    rows = ledger.deliveries_of(c.id)
+    for row in rows:
+        expected_states, reason = MATRIX[row["domain"]]
+        expected = expected_states[policy_index]
+        assert row["state"] == expected, (policy, row["domain"], row["reason"], row["reply_text"])
+        if expected == INS:
+            assert row["reason"] == reason, (policy, row["domain"], row["reply_text"])
+            assert row["reply_status"] == "5.7.10"
+            assert row["reply_text"].startswith("MX tried: ")
+            assert row["tls_level"] is not None
+        if expected == DEF:
+            assert row["reason"] == reason
+    # what the MX servers really received: nothing below the floor, ever
+    stored = [m for m in sandbox.messages() if m.header("X-Recapito-Campaign") == camp]
+    accepted = {str(r["id"]) for r in rows if r["state"] == SENT}
+    assert {m.delivery_id for m in stored} == accepted and len(stored) == len(accepted)
+    if policy != "opportunistic":
+        assert all(m.x_sandbox_tls in ("TLSv1.2", "TLSv1.3") for m in stored), [
+            (m.domain, m.x_sandbox_tls) for m in stored
+        ]
+    levels = {r["domain"]: r["tls_level"] for r in rows if r["state"] == SENT}
+    if policy == "opportunistic":
+        assert levels["vecchiaposta.test"] == "L0"
+        assert levels["aziendale.test"] == "L2"
+        assert levels["mailitalia.test"] == "L3"
+    ledger.close()
+
+
+def test_stable_shortfall_is_confirmed_once_per_host(sandbox: Sandbox, tmp_path: Path) -> None:
+    """No STARTTLS: one confirming connection, then every recipient of the host is decided."""
+    tag = uuid.uuid4().hex[:8]
+    camp = f"confirm-{tag}"
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    c = ledger.ensure_campaign(camp, sender=SENDER, template_hash="t" * 64, params={})
+    ledger.plan(
+        c.id,
+        [
+            PlannedDelivery(str(i), f"u{i}.{tag}@vecchiaposta.test", "vecchiaposta.test", 0)
+            for i in range(30)
+        ],
+    )
+    _run(sandbox, ledger, camp, "secure:L2")
+    assert ledger.state_counts(c.id) == {"insecure_channel": 30}
+    events = ledger.events_of(c.id, "insecure_channel")
+    assert len(events) == 30
+    ledger.close()
+
+
+def test_policy_parsing() -> None:
+    assert TLSPolicy.parse("opportunistic").mode == "opportunistic"
+    assert TLSPolicy.parse("secure").min_level == "L3"
+    assert TLSPolicy.parse("L2") == TLSPolicy("secure", "L2")
+    assert TLSPolicy.parse("secure:l4").label == "secure:L4"
+    for bad in ("secure:L0", "secure:L9", "paranoid", ""):
+        with pytest.raises(ValueError, match="tls policy"):
+            TLSPolicy.parse(bad)
