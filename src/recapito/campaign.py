@@ -34,6 +34,7 @@ from recapito.render.template import (
     load_template,
     message_id_for,
 )
+from recapito.security.policy import TLSPolicy
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
@@ -54,6 +55,11 @@ class CampaignParams(BaseModel):
     parallel_chunks: int = Field(4, ge=1, le=64, description="Chunk tasks running at once")
     connections_per_host: int = Field(4, ge=1, le=50, description="Connections per MX host")
     messages_per_connection: int = Field(200, ge=1, le=10_000)
+    tls_policy: str = Field(
+        "opportunistic",
+        description="opportunistic (best TLS available) or secure:L1…secure:L4 (Secure Email: "
+        "below the level nothing is sent and the recipient ends insecure_channel)",
+    )
     retry_after_seconds: int = Field(
         300, ge=0, le=86_400, description="First retry of deferred mail (4xx, greylisting)"
     )
@@ -71,6 +77,11 @@ class CampaignParams(BaseModel):
         if not _NAME.match(value):
             raise ValueError("use letters, digits, space, dot, dash or underscore (max 100)")
         return value
+
+    @field_validator("tls_policy")
+    @classmethod
+    def _tls_policy(cls, value: str) -> str:
+        return TLSPolicy.parse(value).label
 
     @field_validator("sender")
     @classmethod
@@ -237,6 +248,7 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
             connections_per_host=params.connections_per_host,
             messages_per_connection=params.messages_per_connection,
             retry_after=timedelta(seconds=params.retry_after_seconds),
+            tls_policy=TLSPolicy.parse(params.tls_policy),
         )
         run = DeliveryRun(
             ledger, options, chunk_renderer(template, audience, params), MXResolver(settings.dns)

@@ -87,6 +87,7 @@ def campaign_run(
     delimiter: str | None,
     chunk_size: int,
     parallel_chunks: int,
+    tls_policy: str,
     retry_after: int,
     retry_within_run: int,
     as_json: bool,
@@ -110,6 +111,7 @@ def campaign_run(
             delimiter=delimiter,
             chunk_size=chunk_size,
             parallel_chunks=parallel_chunks,
+            tls_policy=tls_policy,
             retry_after_seconds=retry_after,
             retry_within_run_seconds=retry_within_run,
         )
@@ -166,6 +168,14 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
         click.echo(f"  {key:<{width}}  {value:>9,}")
     if report["tls_versions"]:
         click.echo("  TLS: " + ", ".join(f"{k} {v:,}" for k, v in report["tls_versions"].items()))
+    if report["levels"]:
+        levels = ", ".join(f"{k} {v:,}" for k, v in sorted(report["levels"].items()))
+        click.echo(f"  levels ({report['tls_policy']}): {levels}")
+    for row in report["insecure_channel"]:
+        click.echo(
+            f"  insecure_channel: {row['domain']} {row['reason']} "
+            f"(best {row['best_level']}) x{row['recipients']:,}"
+        )
 
 
 @campaign.command("report")
@@ -191,6 +201,12 @@ def campaign_report_cmd(name: str, as_json: bool) -> None:
 @click.option("--mx-port", default=2525, show_default=True, help="Sandbox MX port (0: any).")
 @click.option("--dns-port", default=5300, show_default=True, help="Sandbox DNS port (0: any).")
 @click.option("--prefect-port", default=4200, show_default=True, help="Local Prefect server port.")
+@click.option(
+    "--tls-policy",
+    default="opportunistic",
+    show_default=True,
+    help="opportunistic, or secure:L1 … secure:L4 (Secure Email).",
+)
 def demo_cmd(
     n_contacts: int,
     exit_after: bool,
@@ -198,6 +214,7 @@ def demo_cmd(
     mx_port: int,
     dns_port: int,
     prefect_port: int,
+    tls_policy: str,
 ) -> None:
     """Sandbox + Prefect server + demo contacts + a real campaign, end to end."""
     from recapito.demo import run_demo
@@ -210,6 +227,7 @@ def demo_cmd(
             mx_port=mx_port,
             dns_port=dns_port,
             prefect_port=prefect_port,
+            tls_policy=tls_policy,
         )
     )
 

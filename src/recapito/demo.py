@@ -112,6 +112,7 @@ def run_demo(
     mx_port: int = 2525,
     dns_port: int = 5300,
     prefect_port: int = PREFECT_PORT,
+    tls_policy: str = "opportunistic",
 ) -> int:
     home = home_dir()
     started_sandbox = False
@@ -158,6 +159,7 @@ def run_demo(
             # the sandbox greylists for about a second: retry inside the run, as an MTA would
             retry_after_seconds=2,
             retry_within_run_seconds=60,
+            tls_policy=tls_policy,
         )
         _say(f"running campaign {campaign_name!r}…")
         run_started = time.monotonic()
@@ -179,6 +181,14 @@ def run_demo(
             ledger.close()
         print()
         print(text_summary(report))
+        if report["insecure_channel"]:
+            print(
+                f"Secure Email ({report['tls_policy']}): insecure_channel "
+                + ", ".join(
+                    f"{r['domain']} {r['reason']} x{r['recipients']:,}"
+                    for r in report["insecure_channel"]
+                )
+            )
         if report["rejections"]:
             reasons = ", ".join(
                 f"{k} {v:,}" for k, v in sorted(report["rejections"].items(), key=lambda kv: -kv[1])

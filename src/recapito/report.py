@@ -37,6 +37,9 @@ def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
         "rejections": ledger.rejection_counts(campaign.id),
         "reasons": ledger.reply_reasons(campaign.id),
         "tls_versions": ledger.tls_mix(campaign.id),
+        "tls_policy": campaign.params.get("tls_policy", "opportunistic"),
+        "levels": ledger.level_mix(campaign.id),
+        "insecure_channel": ledger.insecure_by_domain(campaign.id),
         "domains": ledger.domain_table(campaign.id),
     }
 
@@ -74,6 +77,29 @@ def funnel_markdown(report: dict[str, Any]) -> str:
     ]
     for version, n in sorted(tls.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {version} | {n:,} | {_pct(n, accepted)} |")
+    levels = report["levels"]
+    lines += [
+        "",
+        f"## Security levels (policy `{report['tls_policy']}`)",
+        "",
+        "| level | deliveries |",
+        "|---|---:|",
+    ]
+    for level in sorted(levels):
+        lines.append(f"| {level} | {levels[level]:,} |")
+    if report["insecure_channel"]:
+        lines += [
+            "",
+            "## insecure_channel by domain",
+            "",
+            "| domain | reason | best level offered | recipients |",
+            "|---|---|---|---:|",
+        ]
+        for row in report["insecure_channel"]:
+            lines.append(
+                f"| {row['domain']} | {row['reason']} | {row['best_level']} | "
+                f"{row['recipients']:,} |"
+            )
     if report["rejections"]:
         lines += ["", "## Rejected at targeting", "", "| reason | rows |", "|---|---:|"]
         for reason, n in sorted(report["rejections"].items(), key=lambda kv: -kv[1]):
@@ -87,7 +113,16 @@ def funnel_markdown(report: dict[str, Any]) -> str:
 
 def domain_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per recipient domain with a column per state (for a table artifact)."""
-    columns = ["domain", "total", "accepted", "deferred", "failed", "uncertain", "pending"]
+    columns = [
+        "domain",
+        "total",
+        "accepted",
+        "deferred",
+        "failed",
+        "insecure_channel",
+        "uncertain",
+        "pending",
+    ]
     rows = []
     for entry in report["domains"]:
         row = {c: entry.get(c, 0) for c in columns}
@@ -103,5 +138,6 @@ def text_summary(report: dict[str, Any]) -> str:
         f"campaign {report['campaign']}: {f['contacts']:,} contacts, {f['rejected']:,} rejected, "
         f"{f['filtered_out']:,} filtered out, {f['targeted']:,} targeted -> "
         f"{f['accepted']:,} accepted, {f['deferred']:,} deferred, {f['failed']:,} failed, "
+        f"{f['insecure_channel']:,} insecure_channel, "
         f"{f['uncertain']:,} uncertain, {f['pending']:,} pending; TLS: {tls}"
     )

@@ -692,6 +692,48 @@ class Ledger:
             entry["total"] += int(count)
         return sorted(table.values(), key=lambda e: (-int(e["total"]), str(e["domain"])))
 
+    def level_mix(self, campaign_id: int) -> dict[str, int]:
+        """Deliveries by the security level of the MX host they went to (or were refused at)."""
+        level = sa.func.coalesce(deliveries.c.tls_level, "unknown")
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(level, sa.func.count())
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.state.in_(
+                            [State.ACCEPTED.value, State.INSECURE_CHANNEL.value]
+                        ),
+                    )
+                )
+                .group_by(level)
+            ).all()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def insecure_by_domain(self, campaign_id: int) -> list[dict[str, Any]]:
+        """``insecure_channel`` deliveries per recipient domain and TLS-RPT reason."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    deliveries.c.domain,
+                    deliveries.c.reason,
+                    sa.func.max(deliveries.c.tls_level),
+                    sa.func.count(),
+                )
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.state == State.INSECURE_CHANNEL.value,
+                    )
+                )
+                .group_by(deliveries.c.domain, deliveries.c.reason)
+                .order_by(sa.func.count().desc(), deliveries.c.domain)
+            ).all()
+        return [
+            {"domain": str(r[0]), "reason": str(r[1]), "best_level": r[2], "recipients": int(r[3])}
+            for r in rows
+        ]
+
     def reply_reasons(self, campaign_id: int) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(
