@@ -194,6 +194,73 @@ def campaign_report_cmd(name: str, as_json: bool) -> None:
         ledger.close()
 
 
+@main.group(cls=_Group)
+def tls() -> None:
+    """Transport security diagnostics."""
+
+
+@tls.command("check")
+@click.argument("domains", nargs=-1, required=True)
+@click.option("--dns", "dns_server", default=None, help="Resolver HOST:PORT (default: settings).")
+@click.option("--mx-port", type=int, default=None, help="MX port (default: settings, else 25).")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per domain, one per line.")
+def tls_check(
+    domains: tuple[str, ...],
+    dns_server: str | None,
+    mx_port: int | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Each MX of each DOMAIN: level, TLS version, cipher, certificate, recipient policies,
+    and what every policy (opportunistic, L1…L4) would decide. Nothing is sent."""
+    import asyncio
+
+    from recapito.config import Settings, parse_hostport
+    from recapito.delivery.dns import MXResolver
+    from recapito.security.check import check_domains
+    from recapito.security.recipient import recipient_policies
+
+    settings = Settings.load()
+    nameserver = parse_hostport(dns_server, "--dns") if dns_server else settings.dns
+    port = mx_port or settings.mx_port
+
+    async def run() -> tuple[list[dict[str, Any]], int]:
+        policies = recipient_policies(settings, nameserver)
+        return await check_domains(
+            list(domains),
+            resolver=MXResolver(settings.dane_resolver or nameserver, timeout=timeout),
+            port=port,
+            helo_name=settings.helo_name,
+            extra_ca_file=settings.tls_ca_file,
+            policies=policies,
+            timeout=timeout,
+        )
+
+    results, connections = asyncio.run(run())
+    if as_json:
+        for result in results:
+            click.echo(json.dumps(result, sort_keys=True))
+        return
+    for result in results:
+        click.echo(f"{result['domain']}")
+        if "error" in result:
+            click.echo(f"  DNS: {result['error']}")
+        for mx in result["mx"]:
+            facts = " ".join(
+                str(x) for x in (mx["tls_version"], mx["cipher"], mx["certificate"]) if x
+            )
+            reason = f" [{mx['reason']}]" if mx["reason"] else ""
+            click.echo(
+                f"  MX {mx['preference']:>3} {mx['host']:<34} {mx['level'] or '--'}  "
+                f"{facts or 'no TLS'}{reason}"
+            )
+        click.echo(f"  MTA-STS: {result['mta_sts'] or '-'}   DANE: {result['dane'] or '-'}")
+        decision = "  ".join(f"{k}={v}" for k, v in result["decision"].items())
+        click.echo(f"  decision: {decision}")
+    click.echo(f"({connections} MX connection(s) opened)")
+
+
 @main.command("demo")
 @click.option("--contacts", "n_contacts", default=10_000, show_default=True, type=int)
 @click.option("--exit", "exit_after", is_flag=True, help="Stop everything when the run ends.")

@@ -82,15 +82,30 @@ class RecipientPolicies(Protocol):
     """Where recipient-published policies (DANE, MTA-STS) come from."""
 
     async def for_host(
-        self, mx: MXResult, host: MXHost, port: int, *, refresh: bool = False
-    ) -> RecipientPolicy: ...
+        self,
+        mx: MXResult,
+        host: MXHost,
+        port: int,
+        chain: tuple[bytes, ...],
+        *,
+        refresh: bool = False,
+    ) -> RecipientPolicy:
+        """The policy that applies to ``host`` for ``mx.domain``; ``chain`` is what the host
+        presented (DER, leaf first; empty in cleartext), for DANE matching."""
+        ...
 
 
 class NoRecipientPolicies:
     """Recipient policies not checked (no validating resolver, no MTA-STS lookups)."""
 
     async def for_host(
-        self, mx: MXResult, host: MXHost, port: int, *, refresh: bool = False
+        self,
+        mx: MXResult,
+        host: MXHost,
+        port: int,
+        chain: tuple[bytes, ...],
+        *,
+        refresh: bool = False,
     ) -> RecipientPolicy:
         return RecipientPolicy()
 
@@ -278,7 +293,7 @@ class DeliveryRun:
         verdict = HostVerdict(host.name, "L0", False)
         for refresh in (False, True):
             recipient = await self.policies.for_host(
-                group.mx, host, self.options.mx_port, refresh=refresh
+                group.mx, host, self.options.mx_port, session.tls.chain, refresh=refresh
             )
             verdict = judge_host(
                 host.name,
