@@ -127,3 +127,39 @@ def test_policy_parsing() -> None:
     for bad in ("secure:L0", "secure:L9", "paranoid", ""):
         with pytest.raises(ValueError, match="tls policy"):
             TLSPolicy.parse(bad)
+
+
+def test_starttls_missing_after_being_offered_is_a_suspected_downgrade(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An MX remembered as offering STARTTLS that now offers none: defer, never send."""
+    from datetime import timedelta
+
+    from recapito.ledger import MXFacts
+    from recapito.ledger.store import utcnow
+
+    tag = uuid.uuid4().hex[:8]
+    camp = f"downgrade-{tag}"
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    now = utcnow()
+    ledger.save_mx_facts(
+        MXFacts(
+            "mx.plain.sandbox.test",
+            True,
+            True,
+            "TLSv1.3",
+            "X",
+            "L3",
+            "valid",
+            now,
+            now + timedelta(days=1),
+        )
+    )
+    c = ledger.ensure_campaign(camp, sender=SENDER, template_hash="t" * 64, params={})
+    ledger.plan(c.id, [PlannedDelivery("1", f"u.{tag}@vecchiaposta.test", "vecchiaposta.test", 0)])
+    _run(sandbox, ledger, camp, "opportunistic")
+    row = ledger.deliveries_of(c.id)[0]
+    assert row["state"] == "deferred" and row["reason"] == "starttls-not-supported"
+    assert "downgrade suspected" in row["reply_text"]
+    assert not [m for m in sandbox.messages() if m.header("X-Recapito-Campaign") == camp]
+    ledger.close()
