@@ -552,22 +552,28 @@ def test_clear_maildirs_keeps_folders(tmp_path: Path) -> None:
 
 def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
     env = sandbox.env()
-    assert env == {
+    expected = {
         "RECAPITO_DNS": f"127.0.0.1:{sandbox.dns_port}",
         "RECAPITO_MX_PORT": str(sandbox.mx_port),
         "RECAPITO_TLS_CA_FILE": str(sandbox.ca_file),
+        "RECAPITO_HTTPS_PORT": str(sandbox.https_port),
     }
+    assert {k: env.get(k) for k in expected} == expected
+    assert set(env) - set(expected) <= {"RECAPITO_DANE_RESOLVER"}  # when DNSSEC tools exist
     assert json.loads(sandbox.settings_path.read_text()) == env
     settings = Settings.load(env={"RECAPITO_HOME": str(sandbox.home)})
     assert settings.dns == sandbox.dns_address
     assert settings.mx_port == sandbox.mx_port
     assert settings.tls_ca_file == sandbox.ca_file
+    assert settings.https_port == sandbox.https_port
     state = read_state(sandbox.home)
     assert state is not None and state.owner_pid == os.getpid()
     assert {s.host: s.pid for s in state.servers} == {
-        h: p for h, p in sandbox.pids.items() if h != "dns"
+        h: p for h, p in sandbox.pids.items() if h not in ("dns", "https", "dnssec")
     }
+    assert (state.https_port, state.https_pid) == (sandbox.https_port, sandbox.pids["https"])
     assert all(pid_alive(p) for p in state.child_pids)
+    assert sandbox.pids["https"] in state.child_pids
 
 
 def test_busy_port_is_one_clear_error(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -118,3 +118,18 @@ rejections = sa.Table(
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Index("ix_rejections_campaign", "campaign_id"),
 )
+
+# MTA-STS policies (RFC 8461 §5) cached per recipient domain: a policy is applied until
+# ``expires_at`` (fetched_at + max_age) and refetched when the domain's TXT id changes.
+mta_sts_policies = sa.Table(
+    "mta_sts_policies",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("policy_id", sa.String(32), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("mx_patterns", sa.Text, nullable=False),  # JSON list of patterns
+    sa.Column("max_age", sa.Integer, nullable=False),
+    sa.Column("fetched_at", TS, nullable=False),
+    sa.Column("expires_at", TS, nullable=False),
+    sa.Column("policy_sha256", sa.String(64), nullable=False),
+)

@@ -27,6 +27,7 @@ from recapito.ledger.schema import (
     campaigns,
     deliveries,
     events,
+    mta_sts_policies,
     mx_facts,
     rejections,
     suppressions,
@@ -145,6 +146,20 @@ class MXFacts:
     cert_verdict: str | None
     checked_at: datetime
     expires_at: datetime
+
+
+@dataclass(frozen=True)
+class MTASTSPolicyRecord:
+    """A cached MTA-STS policy of one recipient domain (RFC 8461 §5)."""
+
+    domain: str
+    policy_id: str
+    mode: str
+    mx_patterns: tuple[str, ...]
+    max_age: int
+    fetched_at: datetime
+    expires_at: datetime
+    policy_sha256: str
 
 
 _EVENT_KIND = {
@@ -649,6 +664,48 @@ class Ledger:
             conn.execute(
                 mx_facts.update().where(mx_facts.c.mx_host == facts.mx_host).values(**values)
             )
+
+    # ---- MTA-STS policy cache --------------------------------------------------------------
+
+    def get_mta_sts_policy(self, domain: str) -> MTASTSPolicyRecord | None:
+        """The cached policy of ``domain`` (expired or not), or None."""
+        key = domain.lower().rstrip(".")
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(mta_sts_policies).where(mta_sts_policies.c.domain == key)
+            ).first()
+        if row is None:
+            return None
+        m = row._mapping
+        try:
+            patterns = tuple(str(p) for p in json.loads(m["mx_patterns"]))
+        except (ValueError, TypeError):
+            return None  # a damaged row is as good as no cache: the policy gets refetched
+        return MTASTSPolicyRecord(
+            domain=m["domain"],
+            policy_id=m["policy_id"],
+            mode=m["mode"],
+            mx_patterns=patterns,
+            max_age=int(m["max_age"]),
+            fetched_at=as_utc(m["fetched_at"]) or utcnow(),
+            expires_at=as_utc(m["expires_at"]) or utcnow(),
+            policy_sha256=m["policy_sha256"],
+        )
+
+    def save_mta_sts_policy(self, record: MTASTSPolicyRecord) -> None:
+        """Insert or replace the cached policy of ``record.domain``."""
+        key = record.domain.lower().rstrip(".")
+        values = {**asdict(record), "domain": key, "mx_patterns": json.dumps(record.mx_patterns)}
+        update = mta_sts_policies.update().where(mta_sts_policies.c.domain == key).values(**values)
+        with self._tx() as conn:
+            if conn.execute(update).rowcount:
+                return
+        try:
+            with self._tx() as conn:
+                conn.execute(mta_sts_policies.insert().values(**values))
+        except sa.exc.IntegrityError:
+            with self._tx() as conn:  # inserted meanwhile by another worker
+                conn.execute(update)
 
     # ---- reading ------------------------------------------------------------------------
 

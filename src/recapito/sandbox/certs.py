@@ -1,4 +1,4 @@
-"""The sandbox PKI: one private CA and a leaf certificate per MX host.
+"""The sandbox PKI: one private CA and a leaf certificate per MX host (and per MTA-STS policy host).
 
 Each leaf is shaped by the posture of its MX server (see ``world.Posture``):
 
@@ -288,3 +288,29 @@ def _write_pair(pair: KeyPair, cert: x509.Certificate, key: ec.EllipticCurvePriv
     # start detects (and repairs) instead of a certificate without its key.
     _atomic_write(pair.key, key_pem, 0o600)
     _atomic_write(pair.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+# -- MTA-STS policy hosts -------------------------------------------------------------------
+
+
+def policy_host_server(site: world.MTASTSSite) -> world.MXServer:
+    """The certificate shape of an MTA-STS policy host, in the terms ``_make_leaf`` knows.
+
+    A ``selfsigned`` site gets a self-signed certificate; every other site a sandbox-CA
+    certificate naming ``mta-sts.<domain>``.
+    """
+    posture: world.Posture = "selfsigned" if site.posture == "selfsigned" else "tls13"
+    return world.MXServer(site.policy_host, site.policy_address, posture)
+
+
+def ensure_policy_host_certificates(
+    sandbox_dir: Path,
+    sites: Iterable[world.MTASTSSite] = world.MTA_STS_SITES,
+    now: dt.datetime | None = None,
+) -> dict[str, KeyPair]:
+    """Create (or reuse) the certificate of every MTA-STS policy host, by host name.
+
+    Same CA, directory and reuse rules as the MX certificates.
+    """
+    pki = ensure_certificates(sandbox_dir, [policy_host_server(s) for s in sites], now)
+    return pki.leaves

@@ -5,6 +5,7 @@ What it answers (every answer carries the AA flag):
 - ``MX`` per ``world.Domain.mx``; the null MX ``0 .`` for ``nessuna-posta.test``;
 - ``A`` for every MX host (the dead one included) and for ``solo-a.test`` (the implicit-MX
   domain, which has no MX record);
+- ``TXT`` ``_mta-sts.<domain>`` and ``A`` ``mta-sts.<domain>`` for ``world.MTA_STS_SITES``;
 - ``TXT``/``TLSA``/anything else added through ``ZoneRecord`` (MTA-STS and DANE build on this);
 - ``NXDOMAIN`` for ``dominio-inesistente.test`` and every name the zone does not know;
 - ``NOERROR`` with an empty answer (NODATA) for a known name without the asked type.
@@ -194,6 +195,10 @@ def build_zone(catch_all: bool = False, extra: Iterable[ZoneRecord] = ()) -> Zon
             zone.add(ZoneRecord(domain.name, "MX", f"{preference} {target}"))
         if domain.kind == "implicit_mx":
             zone.add(ZoneRecord(domain.name, "A", world.IMPLICIT_MX_TARGET.address))
+    for site in world.MTA_STS_SITES:
+        # RFC 8461 §3.1 discovery record, and the policy host the HTTPS server answers for
+        zone.add(txt_record(f"_mta-sts.{site.domain}", f"v=STSv1; id={site.policy_id};"))
+        zone.add(ZoneRecord(site.policy_host, "A", site.policy_address))
     for record in extra:
         zone.add(record)
     return zone

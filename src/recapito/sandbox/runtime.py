@@ -5,7 +5,8 @@
 detached supervisor process. Either way the running sandbox is described by two files in
 ``$RECAPITO_HOME/sandbox``:
 
-- ``settings.json``: ``RECAPITO_DNS``, ``RECAPITO_MX_PORT``, ``RECAPITO_TLS_CA_FILE``, read by
+- ``settings.json``: ``RECAPITO_DNS``, ``RECAPITO_MX_PORT``, ``RECAPITO_TLS_CA_FILE``,
+  ``RECAPITO_HTTPS_PORT`` (the MTA-STS policy server), read by
   ``recapito.config.Settings.load`` so the CLI and the flows talk to the sandbox;
 - ``state.json``: who owns the sandbox and the PID of every server (``SandboxState``).
 
@@ -38,8 +39,14 @@ import recapito
 from recapito import config
 from recapito.errors import RecapitoError
 from recapito.sandbox import _proc, world
-from recapito.sandbox.certs import SandboxPKI, ensure_certificates
+from recapito.sandbox.certs import (
+    KeyPair,
+    SandboxPKI,
+    ensure_certificates,
+    ensure_policy_host_certificates,
+)
 from recapito.sandbox.dns import DNSProcessSpec, ZoneRecord, query
+from recapito.sandbox.https import HTTPSProcessSpec
 from recapito.sandbox.maildir import StoredMessage, read_maildirs
 from recapito.sandbox.servers import MXProcessSpec
 
@@ -89,6 +96,8 @@ class SandboxState:
     ca_file: str
     started_at: str
     servers: tuple[ServerState, ...]
+    https_port: int = 0  # MTA-STS policy server (0 in state files written before it existed)
+    https_pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -101,7 +110,8 @@ class SandboxState:
 
     @property
     def child_pids(self) -> list[int]:
-        return [self.dns_pid, *(s.pid for s in self.servers)]
+        pids = [self.dns_pid, *(s.pid for s in self.servers)]
+        return [*pids, self.https_pid] if self.https_pid else pids
 
 
 def state_path(home: Path) -> Path:
@@ -204,6 +214,15 @@ def free_dns_port(avoid: int = 0) -> int:
     raise SandboxError("cannot find a port free for DNS on 127.0.0.1 (UDP and TCP)")
 
 
+def free_https_port(avoid: Sequence[int | None] = ()) -> int:
+    """A TCP port free on the MTA-STS server's address (and not one of ``avoid``)."""
+    for _ in range(100):
+        port = _kernel_port(socket.SOCK_STREAM)
+        if port not in avoid and tcp_port_free(world.MTA_STS_ADDRESS, port):
+            return port
+    raise SandboxError(f"cannot find a TCP port free on {world.MTA_STS_ADDRESS} for HTTPS")
+
+
 def check_ports_free(mx_port: int | None, dns_port: int | None) -> None:
     """Raise SandboxError naming the first requested port that is already taken."""
     if mx_port:
@@ -239,6 +258,15 @@ def probe_mx(address: str, port: int, timeout: float = 3.0) -> str | None:
             return line
     except OSError:
         return None
+
+
+def probe_tcp(address: str, port: int, timeout: float = 2.0) -> bool:
+    """True if something accepts TCP connections on ``address:port``."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def probe_dns(address: str, port: int, timeout: float = 2.0) -> bool:
@@ -280,6 +308,7 @@ class Sandbox:
         extra_records: Sequence[ZoneRecord] = (),
         supervisor: bool = False,
         startup_timeout: float = STARTUP_TIMEOUT,
+        https_port: int | None = None,
     ) -> None:
         self.home = Path(home).resolve()
         self.catch_all = catch_all
@@ -290,6 +319,9 @@ class Sandbox:
         self._want_dns_port = dns_port or None
         self._mx_port: int | None = self._want_mx_port
         self._dns_port: int | None = self._want_dns_port
+        self._want_https_port = https_port or None
+        self._https_port: int | None = self._want_https_port
+        self._policy_certs: dict[str, KeyPair] = {}
         self._children: list[_Child] = []
         self._pki: SandboxPKI | None = None
         self._running = False
@@ -329,6 +361,13 @@ class Sandbox:
         return self._dns_port
 
     @property
+    def https_port(self) -> int:
+        """TCP port of the MTA-STS policy server on ``world.MTA_STS_ADDRESS``."""
+        if self._https_port is None:
+            raise SandboxError("the sandbox has not been started: no HTTPS port chosen yet")
+        return self._https_port
+
+    @property
     def dns_address(self) -> tuple[str, int]:
         """(host, port) of the DNS server, the shape of ``config.Settings.dns``."""
         return (DNS_ADDRESS, self.dns_port)
@@ -352,6 +391,7 @@ class Sandbox:
             "RECAPITO_DNS": f"{DNS_ADDRESS}:{self.dns_port}",
             "RECAPITO_MX_PORT": str(self.mx_port),
             "RECAPITO_TLS_CA_FILE": str(self.ca_file),
+            "RECAPITO_HTTPS_PORT": str(self.https_port),
         }
 
     def messages(self) -> list[StoredMessage]:
@@ -393,6 +433,7 @@ class Sandbox:
         self._take_over_stale_state()
         try:
             self._pki = ensure_certificates(self.sandbox_dir)
+            self._policy_certs = ensure_policy_host_certificates(self.sandbox_dir)
         except (OSError, ValueError) as exc:
             raise SandboxError(
                 f"cannot create sandbox certificates in {self.sandbox_dir}: {exc}"
@@ -470,6 +511,7 @@ class Sandbox:
         addresses = [s.address for s in world.MX_SERVERS]
         self._mx_port = self._want_mx_port or free_mx_port(addresses)
         self._dns_port = self._want_dns_port or free_dns_port()
+        self._https_port = self._want_https_port or free_https_port((self._mx_port, self._dns_port))
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -505,6 +547,13 @@ class Sandbox:
             extra=tuple((r.name, r.rtype, r.value, r.ttl) for r in self.extra_records),
         )
         self._spawn("dns", "recapito.sandbox.dns", dns_spec.to_json())
+        https_spec = HTTPSProcessSpec(
+            address=world.MTA_STS_ADDRESS,
+            port=self.https_port,
+            parent_pid=owner,
+            certs={h: (str(p.cert), str(p.key)) for h, p in self._policy_certs.items()},
+        )
+        self._spawn("https", "recapito.sandbox.https", https_spec.to_json())
         for server in world.MX_SERVERS:
             pair = self._pki.leaves.get(server.host)
             spec = MXProcessSpec(
@@ -583,6 +632,11 @@ class Sandbox:
                 raise SandboxError(
                     f"{server.host} ({server.address}:{self.mx_port}) does not greet with 220"
                 )
+        if not probe_tcp(world.MTA_STS_ADDRESS, self.https_port):
+            raise SandboxError(
+                f"the MTA-STS HTTPS server on {world.MTA_STS_ADDRESS}:{self.https_port} "
+                "does not accept connections"
+            )
         if not probe_dns(DNS_ADDRESS, self.dns_port):
             raise SandboxError(f"the sandbox DNS on {DNS_ADDRESS}:{self.dns_port} does not answer")
 
@@ -604,6 +658,8 @@ class Sandbox:
             servers=tuple(
                 ServerState(s.host, s.address, s.posture, by_name[s.host]) for s in world.MX_SERVERS
             ),
+            https_port=self.https_port,
+            https_pid=by_name["https"],
         )
         _atomic_write_text(state_path(self.home), state.to_json() + "\n")
 

@@ -65,6 +65,79 @@ def _mx(posture: str, pref: int = 10) -> tuple[int, str]:
     return (pref, MX_BY_POSTURE[posture].host)
 
 
+# -- MTA-STS (RFC 8461) ------------------------------------------------------------------------
+
+MTASTSPosture = Literal[
+    "valid",  # 200 text/plain, a well-formed policy, certificate from the sandbox CA
+    "broken",  # 200 text/plain, but the policy does not parse
+    "oversize",  # 200 text/plain, a well-formed policy padded beyond 64 KiB
+    "redirect",  # 302 to another policy URL (senders must not follow it)
+    "wrongtype",  # 200 with a well-formed policy served as text/html
+    "selfsigned",  # a well-formed policy behind a self-signed certificate
+    "unreachable",  # the policy host's address has no listener
+]
+
+# The policy hosts (``mta-sts.<domain>``) all resolve to the sandbox HTTPS server, which picks
+# the certificate by SNI and the answer by Host header; ``unreachable`` points at the dead MX
+# address instead (nothing ever listens there).
+MTA_STS_ADDRESS = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class MTASTSSite:
+    """A domain publishing MTA-STS: its ``_mta-sts`` TXT id and what its policy host serves."""
+
+    domain: str
+    mx_posture: str  # the MX server its MX record points at
+    posture: MTASTSPosture
+    mode: Literal["enforce", "testing", "none"]
+    mx_patterns: tuple[str, ...]
+    policy_id: str = "20261201"
+    max_age: int = 86400
+
+    @property
+    def policy_host(self) -> str:
+        return f"mta-sts.{self.domain}"
+
+    @property
+    def policy_address(self) -> str:
+        return DEAD_MX.address if self.posture == "unreachable" else MTA_STS_ADDRESS
+
+    def policy_text(self) -> str:
+        """The policy as a well-behaved policy host would serve it."""
+        lines = ["version: STSv1", f"mode: {self.mode}"]
+        lines += [f"mx: {pattern}" for pattern in self.mx_patterns]
+        lines.append(f"max_age: {self.max_age}")
+        return "\r\n".join(lines) + "\r\n"
+
+
+MTA_STS_SITES: tuple[MTASTSSite, ...] = (
+    # enforce, and the MX (TLS 1.3, CA certificate naming it) is listed: L4 is reachable
+    MTASTSSite("sts-enforce.test", "tls13", "valid", "enforce", ("mx.tls13.sandbox.test",)),
+    # testing: report-only; the wildcard lists the TLS 1.2 MX
+    MTASTSSite("sts-testing.test", "tls12", "valid", "testing", ("*.tls12.sandbox.test",)),
+    # none: the domain withdrew its policy
+    MTASTSSite("sts-none.test", "tls13", "valid", "none", ("mx.tls13.sandbox.test",)),
+    # enforce, the MX is listed but its certificate names another host: no compliant MX
+    MTASTSSite(
+        "sts-enforce-badcert.test", "wrongname", "valid", "enforce", ("mx.wrongname.sandbox.test",)
+    ),
+    # enforce, but no pattern matches the MX host
+    MTASTSSite(
+        "sts-enforce-mismatch.test", "tls13", "valid", "enforce", ("*.altro-provider.test",)
+    ),
+    MTASTSSite("sts-broken.test", "tls13", "broken", "enforce", ("mx.tls13.sandbox.test",)),
+    MTASTSSite("sts-oversize.test", "tls13", "oversize", "enforce", ("mx.tls13.sandbox.test",)),
+    MTASTSSite("sts-redirect.test", "tls13", "redirect", "enforce", ("mx.tls13.sandbox.test",)),
+    MTASTSSite("sts-wrongtype.test", "tls13", "wrongtype", "enforce", ("mx.tls13.sandbox.test",)),
+    MTASTSSite("sts-badwebcert.test", "tls13", "selfsigned", "enforce", ("mx.tls13.sandbox.test",)),
+    MTASTSSite(
+        "sts-unreachable.test", "tls13", "unreachable", "enforce", ("mx.tls13.sandbox.test",)
+    ),
+)
+MTA_STS_BY_DOMAIN: dict[str, MTASTSSite] = {s.domain: s for s in MTA_STS_SITES}
+
+
 DOMAINS: tuple[Domain, ...] = (
     # ordinary mailbox providers, skewed like a real Italian audience
     Domain("postaveloce.test", (_mx("tls13"), _mx("tls12", 20)), 0.34),
@@ -87,6 +160,8 @@ DOMAINS: tuple[Domain, ...] = (
     # PEC domains (certified mail addresses; delivered by the PEC issue, not by e-mail)
     Domain("pec.postaveloce.test", (_mx("tls13"),), 0.0, "pec"),
     Domain("legalmail-esempio.test", (_mx("tls13"),), 0.0, "pec"),
+    # MTA-STS domains (weight 0: used by the MTA-STS tests, not by the demo audience)
+    *(Domain(site.domain, (_mx(site.mx_posture),), 0.0) for site in MTA_STS_SITES),
 )
 DOMAINS_BY_NAME: dict[str, Domain] = {d.name: d for d in DOMAINS}
 # The implicit-MX domain's A record points at this server.
