@@ -96,6 +96,20 @@ def test_bad_parameters_are_one_line(tmp_path: Path) -> None:
         "--contacts",
         "x.csv",
         "--template",
+        str(DEMO_TEMPLATE),
+        "--tls-policy",
+        "paranoid",
+    )
+    _one_line_error(result, "--tls-policy")
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "ok",
+        "--contacts",
+        "x.csv",
+        "--template",
         str(tmp_path / "nope"),
     )
     _one_line_error(result, "no template.toml")

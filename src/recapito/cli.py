@@ -61,6 +61,12 @@ def prefect_environment(home: Path) -> None:
 @click.option("--chunk-size", default=1000, show_default=True, type=int)
 @click.option("--parallel-chunks", default=4, show_default=True, type=int)
 @click.option(
+    "--tls-policy",
+    default="opportunistic",
+    show_default=True,
+    help="opportunistic, or secure:L1 … secure:L4 (Secure Email).",
+)
+@click.option(
     "--retry-after",
     default=300,
     show_default=True,
