@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from pathlib import Path
 
 import pytest
 
+from recapito.config import Settings
 from recapito.delivery.dns import MXResolver
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun
 from recapito.ledger import Claim, Ledger, PlannedDelivery
 from recapito.render.template import RenderedMessage, message_id_for
 from recapito.sandbox.runtime import Sandbox
 from recapito.security.policy import TLSPolicy
+from recapito.security.recipient import recipient_policies
 
 SENDER = "news@banca-esempio.test"
 POLICIES = ["opportunistic", "secure:L1", "secure:L2", "secure:L3", "secure:L4"]
@@ -29,6 +32,16 @@ MATRIX: dict[str, tuple[tuple[str, ...], str | None]] = {
     # dead primary MX: a qualifying secondary gets the mail; when the secondary does not
     # qualify, the unreachable primary might have: deferred, never insecure_channel
     "doppio-mx.test": ((SENT, SENT, SENT, SENT, DEF), "connection_failed"),
+    # MTA-STS: enforce lifts a listed, valid MX to L4 and is a floor in every mode
+    "sts-enforce.test": ((SENT, SENT, SENT, SENT, SENT), None),
+    "sts-testing.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),  # report only
+    "sts-none.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
+    "sts-enforce-badcert.test": ((INS,) * 5, "certificate-host-mismatch"),
+    "sts-enforce-mismatch.test": ((INS,) * 5, "validation-failure"),  # MX not listed
+    # a policy that cannot be fetched or parsed counts as no policy (RFC 8461 §5)
+    "sts-broken.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
+    "sts-redirect.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
+    "sts-badwebcert.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
 }
 
 
@@ -51,8 +64,11 @@ def _run(box: Sandbox, ledger: Ledger, camp: str, policy: str) -> None:
         extra_ca_file=box.ca_file,
         tls_policy=TLSPolicy.parse(policy),
     )
+    settings = Settings.load({**os.environ, **box.env(), "RECAPITO_HOME": str(box.home)})
+    policies = recipient_policies(settings, store=ledger)
     claims = ledger.claim_chunk(campaign.id, 0, worker="matrix")
-    asyncio.run(DeliveryRun(ledger, options, render, MXResolver(box.dns_address)).run(claims))
+    run = DeliveryRun(ledger, options, render, MXResolver(box.dns_address), policies)
+    asyncio.run(run.run(claims))
 
 
 @pytest.mark.parametrize("policy_index", range(len(POLICIES)), ids=POLICIES)
@@ -96,6 +112,8 @@ def test_posture_policy_matrix(sandbox: Sandbox, tmp_path: Path, policy_index: i
         assert levels["vecchiaposta.test"] == "L0"
         assert levels["aziendale.test"] == "L2"
         assert levels["mailitalia.test"] == "L3"
+        assert levels["sts-enforce.test"] == "L4"
+        assert levels["sts-testing.test"] == "L3"
     ledger.close()
 
 

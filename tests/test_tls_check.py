@@ -26,6 +26,8 @@ EXPECTED = {
     "vecchiaposta.test": (["L0"], ["send"] + ["insecure_channel"] * 4),
     "doppio-mx.test": ([None, "L3"], ["send", "send", "send", "send", "defer"]),
     "nessuna-posta.test": ([], ["domain_invalid"] * 5),
+    "sts-enforce.test": (["L4"], ["send"] * 5),
+    "sts-enforce-mismatch.test": (["L3"], ["insecure_channel"] * 5),
     "dominio-inesistente.test": ([], ["domain_invalid"] * 5),
 }
 
@@ -59,6 +61,9 @@ def test_tls_check_json_matches_the_sandbox(env: dict[str, str]) -> None:
     assert by_domain["aziendale.test"]["mx"][0]["certificate"] == "certificate-not-trusted"
     assert by_domain["vecchiaposta.test"]["mx"][0]["reason"] == "starttls-not-supported"
     assert by_domain["casella.test"]["mx"][0]["tls_version"] == "TLSv1.2"
+    assert by_domain["sts-enforce.test"]["mta_sts"] == "enforce"
+    assert by_domain["mailitalia.test"]["mta_sts"] is None
+    assert by_domain["sts-enforce-mismatch.test"]["mx"][0]["reason"] == "validation-failure"
 
 
 def test_tls_check_text_and_one_connection_per_host(env: dict[str, str]) -> None:

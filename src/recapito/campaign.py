@@ -35,6 +35,7 @@ from recapito.render.template import (
     message_id_for,
 )
 from recapito.security.policy import TLSPolicy
+from recapito.security.recipient import recipient_policies
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
@@ -251,7 +252,11 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
             tls_policy=TLSPolicy.parse(params.tls_policy),
         )
         run = DeliveryRun(
-            ledger, options, chunk_renderer(template, audience, params), MXResolver(settings.dns)
+            ledger,
+            options,
+            chunk_renderer(template, audience, params),
+            MXResolver(settings.dane_resolver or settings.dns),
+            recipient_policies(settings, store=ledger),
         )
         stats = asyncio.run(run.run(claims))
     finally:

@@ -78,6 +78,7 @@ class RecipientPolicy:
     sts_mode: Literal["enforce", "testing", "none"] | None = None
     sts_listed: bool = True  # the host matches an ``mx`` pattern of the MTA-STS policy
     sts_error: str | None = None  # policy could not be fetched or parsed
+    sts_temporary: bool = False  # policy discovery failed in DNS and nothing is cached
 
     @property
     def sts_enforced(self) -> bool:
@@ -129,6 +130,16 @@ def judge_host(
     """Decide whether a message may go to ``host`` after its TLS handshake (or lack of one)."""
     base = transport_level(version, cipher, cert_verdict)
     facts = {"tls_version": version, "cipher": cipher, "certificate": cert_verdict}
+    if recipient.sts_temporary and recipient.dane in ("none", "unchecked"):
+        return HostVerdict(
+            host,
+            base,
+            False,
+            "sts-policy-fetch-error",
+            defer=True,
+            detail="MTA-STS discovery failed in DNS",
+            facts=facts,
+        )
     if recipient.dane == "bogus":
         return HostVerdict(
             host,

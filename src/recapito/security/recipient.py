@@ -1,19 +1,57 @@
-"""Recipient-published policies (DANE, MTA-STS) for the engine and ``tls check``.
+"""Recipient-published policies (DANE, MTA-STS) for the delivery engine and ``tls check``.
 
-The policy sources are built from the settings: DANE is consulted only through a
-configured validating resolver whose AD bit we trust; MTA-STS through the configured
-resolver and HTTPS. This module combines them into one ``RecipientPolicies``.
+DANE is consulted only through a configured validating resolver whose AD bit we trust
+(``RECAPITO_DANE_RESOLVER``); MTA-STS always, through the configured resolver and HTTPS.
+DANE comes first: when it applies, MTA-STS is not consulted (RFC 8461 §2).
 """
 
 from __future__ import annotations
 
 from recapito.config import Settings
-from recapito.delivery.engine import NoRecipientPolicies, RecipientPolicies
+from recapito.delivery.dns import MXHost, MXResult
+from recapito.delivery.engine import RecipientPolicies
+from recapito.security.mta_sts import MTASTSResolver, PolicyStore
+from recapito.security.policy import RecipientPolicy
+
+
+class PublishedPolicies:
+    """``RecipientPolicies`` from what the recipient domain publishes."""
+
+    def __init__(self, sts: MTASTSResolver | None) -> None:
+        self.sts = sts
+
+    async def for_host(
+        self,
+        mx: MXResult,
+        host: MXHost,
+        port: int,
+        chain: tuple[bytes, ...],
+        *,
+        refresh: bool = False,
+    ) -> RecipientPolicy:
+        if self.sts is None:
+            return RecipientPolicy()
+        result = await self.sts.policy(mx.domain, refresh=refresh)
+        return RecipientPolicy(
+            sts_mode=result.mode,
+            sts_listed=result.lists(host.name) if result.policy is not None else True,
+            sts_error=result.error,
+            sts_temporary=result.temporary,
+        )
 
 
 def recipient_policies(
-    settings: Settings, nameserver: tuple[str, int] | None = None
+    settings: Settings,
+    nameserver: tuple[str, int] | None = None,
+    store: PolicyStore | None = None,
 ) -> RecipientPolicies:
-    """The recipient policy sources the settings allow (none yet: see the MTA-STS and DANE
-    modules, wired here as they land)."""
-    return NoRecipientPolicies()
+    """The policy sources for these settings; ``nameserver`` overrides the configured one."""
+    sts = MTASTSResolver.from_settings(settings, store=store)
+    if nameserver is not None and settings.dane_resolver is None:
+        sts = MTASTSResolver(
+            nameserver=nameserver,
+            https_port=settings.https_port,
+            extra_ca_file=settings.tls_ca_file,
+            store=store,
+        )
+    return PublishedPolicies(sts)
