@@ -57,6 +57,7 @@ def _summary(home: Path) -> dict[str, Any]:
         "mx_port": info["mx_port"],
         "ca_file": info["ca_file"],
         "catch_all": info["catch_all"],
+        "dane_resolver": info["dane_resolver"],
         "settings": str(config.sandbox_settings_path(home)),
     }
 
@@ -67,6 +68,10 @@ def _echo_summary(home: Path, headline: str) -> None:
     click.echo(f"  DNS          {s['dns']}")
     click.echo(f"  MX port      {s['mx_port']} (one loopback address per MX host)")
     click.echo(f"  CA file      {s['ca_file']}")
+    if s["dane_resolver"]:
+        click.echo(f"  DANE         {s['dane_resolver']} (validating resolver, signed dane-*.test)")
+    else:
+        click.echo("  DANE         off: nsd/unbound/ldns tools not installed")
     click.echo(f"  settings     {s['settings']}")
     if s["catch_all"]:
         click.echo("  catch-all    every unknown domain gets a sandbox MX")
@@ -292,6 +297,8 @@ def status(as_json: bool) -> None:
     dns = info["dns"]
     where = f"{dns['address']}:{dns['port']}" if dns["port"] else "-"
     click.echo(f"  {'DNS':<28} {where:<22} {'authoritative':<11} {'up' if dns['up'] else 'down'}")
+    if info["dane_resolver"]:
+        click.echo(f"  {'DANE resolver':<28} {info['dane_resolver']:<22} validating")
     for server in info["servers"]:
         port = server["port"]
         where = f"{server['address']}:{port}" if port else server["address"]

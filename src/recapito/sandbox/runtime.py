@@ -6,8 +6,9 @@ detached supervisor process. Either way the running sandbox is described by two 
 ``$RECAPITO_HOME/sandbox``:
 
 - ``settings.json``: ``RECAPITO_DNS``, ``RECAPITO_MX_PORT``, ``RECAPITO_TLS_CA_FILE``,
-  ``RECAPITO_HTTPS_PORT`` (the MTA-STS policy server), read by
-  ``recapito.config.Settings.load`` so the CLI and the flows talk to the sandbox;
+  ``RECAPITO_HTTPS_PORT`` (the MTA-STS policy server), ``RECAPITO_DANE_RESOLVER`` (the
+  validating resolver, when nsd/unbound/ldns are installed: see ``recapito.sandbox.dnssec``),
+  read by ``recapito.config.Settings.load`` so the CLI and the flows talk to the sandbox;
 - ``state.json``: who owns the sandbox and the PID of every server (``SandboxState``).
 
 Every child watches the PID of its owner and exits when the owner is gone, so an owner killed
@@ -38,7 +39,7 @@ from dnslib import DNSError
 import recapito
 from recapito import config
 from recapito.errors import RecapitoError
-from recapito.sandbox import _proc, world
+from recapito.sandbox import _proc, dnssec, world
 from recapito.sandbox.certs import (
     KeyPair,
     SandboxPKI,
@@ -96,6 +97,9 @@ class SandboxState:
     ca_file: str
     started_at: str
     servers: tuple[ServerState, ...]
+    # DNSSEC child (nsd + unbound + the DANE-TA MX) and its resolver port; 0 when not running
+    dnssec_pid: int = 0
+    dane_resolver_port: int = 0
     https_port: int = 0  # MTA-STS policy server (0 in state files written before it existed)
     https_pid: int = 0
 
@@ -111,7 +115,7 @@ class SandboxState:
     @property
     def child_pids(self) -> list[int]:
         pids = [self.dns_pid, *(s.pid for s in self.servers)]
-        return [*pids, self.https_pid] if self.https_pid else pids
+        return [*pids, *(p for p in (self.https_pid, self.dnssec_pid) if p)]
 
 
 def state_path(home: Path) -> Path:
@@ -324,6 +328,8 @@ class Sandbox:
         self._policy_certs: dict[str, KeyPair] = {}
         self._children: list[_Child] = []
         self._pki: SandboxPKI | None = None
+        self._dane_port: int | None = None  # unbound, when the DNSSEC tools are installed
+        self._dnssec_noted = False
         self._running = False
 
     # -- paths and settings -----------------------------------------------------------------
@@ -368,6 +374,11 @@ class Sandbox:
         return self._https_port
 
     @property
+    def dane_resolver(self) -> tuple[str, int] | None:
+        """(host, port) of the validating resolver, or None when DNSSEC tools are missing."""
+        return (DNS_ADDRESS, self._dane_port) if self._dane_port else None
+
+    @property
     def dns_address(self) -> tuple[str, int]:
         """(host, port) of the DNS server, the shape of ``config.Settings.dns``."""
         return (DNS_ADDRESS, self.dns_port)
@@ -386,13 +397,16 @@ class Sandbox:
         return {child.name: child.process.pid for child in self._children}
 
     def env(self) -> dict[str, str]:
-        """The three settings that point recapito at this sandbox."""
-        return {
+        """The settings that point recapito at this sandbox (the DANE resolver when it runs)."""
+        settings = {
             "RECAPITO_DNS": f"{DNS_ADDRESS}:{self.dns_port}",
             "RECAPITO_MX_PORT": str(self.mx_port),
             "RECAPITO_TLS_CA_FILE": str(self.ca_file),
             "RECAPITO_HTTPS_PORT": str(self.https_port),
         }
+        if self._dane_port:
+            settings["RECAPITO_DANE_RESOLVER"] = f"{DNS_ADDRESS}:{self._dane_port}"
+        return settings
 
     def messages(self) -> list[StoredMessage]:
         """Everything the MX servers have stored so far."""
@@ -547,6 +561,7 @@ class Sandbox:
             extra=tuple((r.name, r.rtype, r.value, r.ttl) for r in self.extra_records),
         )
         self._spawn("dns", "recapito.sandbox.dns", dns_spec.to_json())
+        self._launch_dnssec(owner)
         https_spec = HTTPSProcessSpec(
             address=world.MTA_STS_ADDRESS,
             port=self.https_port,
@@ -569,6 +584,45 @@ class Sandbox:
             self._spawn(server.host, "recapito.sandbox.servers", spec.to_json())
         self._await_ready(time.monotonic() + self.startup_timeout)
         self._check_answers()
+
+    def _launch_dnssec(self, owner: int) -> None:
+        """Signed zones, nsd, unbound and the DANE-TA MX host, when the tools are installed."""
+        self._dane_port = None
+        missing = dnssec.missing_tools()
+        if missing:
+            if not self._dnssec_noted:
+                self._dnssec_noted = True
+                with contextlib.suppress(OSError), open(self.log_dir / "dnssec.log", "a") as log:
+                    log.write(
+                        f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} "
+                        f"no DNSSEC/DANE in this sandbox: {', '.join(missing)} not found; "
+                        f"install with {dnssec.INSTALL_HINT}\n"
+                    )
+            return
+        ports: list[int] = []
+        taken = {self.dns_port, self.mx_port, self._https_port}  # chosen, maybe not bound yet
+        for _ in range(20):
+            port = free_dns_port(avoid=self.dns_port)
+            if port not in ports and port not in taken:
+                ports.append(port)
+            if len(ports) == 2:
+                break
+        else:
+            raise SandboxError("cannot find two free ports on 127.0.0.1 for nsd and unbound")
+        spec = dnssec.DNSSECProcessSpec(
+            address=DNS_ADDRESS,
+            nsd_port=ports[0],
+            resolver_port=ports[1],
+            dns_port=self.dns_port,
+            mx_port=self.mx_port,
+            catch_all=self.catch_all,
+            sandbox_dir=str(self.sandbox_dir),
+            log_dir=str(self.log_dir),
+            maildir_root=str(self.maildir_root),
+            parent_pid=owner,
+        )
+        self._spawn("dnssec", "recapito.sandbox.dnssec", spec.to_json())
+        self._dane_port = spec.resolver_port
 
     def _await_ready(self, deadline: float) -> None:
         """Read each child's READY/ERROR line; raise on the first error or at the deadline."""
@@ -658,6 +712,8 @@ class Sandbox:
             servers=tuple(
                 ServerState(s.host, s.address, s.posture, by_name[s.host]) for s in world.MX_SERVERS
             ),
+            dnssec_pid=by_name.get("dnssec", 0),
+            dane_resolver_port=self._dane_port or 0,
             https_port=self.https_port,
             https_pid=by_name["https"],
         )
@@ -765,5 +821,10 @@ def describe(home: Path) -> dict[str, Any]:
         "ca_file": state.ca_file if state is not None else None,
         "started_at": state.started_at if state is not None else None,
         "dns": dns,
+        "dane_resolver": (
+            f"{state.dns_address}:{state.dane_resolver_port}"
+            if state is not None and state.dane_resolver_port
+            else None
+        ),
         "servers": servers,
     }

@@ -185,3 +185,53 @@ def catch_all_posture(domain: str) -> MXServer:
     live = [s for s in MX_SERVERS if s.posture != "rejecting"]
     digest = hashlib.sha256(domain.lower().rstrip(".").encode()).digest()
     return live[int.from_bytes(digest[:4], "big") % len(live)]
+
+
+# -- DNSSEC-signed domains for DANE (RFC 7672) ----------------------------------------------
+#
+# These live outside ``DOMAINS`` on purpose: each one is a zone of its own, signed and served
+# by nsd (``recapito.sandbox.dnssec``), reachable only through the sandbox's validating
+# resolver (unbound). The unsigned dnslib zone does not know them, so without DNSSEC tools
+# they simply do not exist instead of existing unsigned. None of them takes part in the demo
+# audience (weight 0).
+
+DaneCase = Literal[
+    "ee",  # TLSA 3 1 1 of the tls13 server's key: DANE-EE matches
+    "ta",  # TLSA 2 0 1 of the sandbox CA; the MX certificate names the MX host
+    "mismatch",  # a TLSA record that matches nothing the server presents
+    "bogus",  # the TLSA record is altered after signing: validation fails (SERVFAIL)
+    "notlsa",  # signed zone, no TLSA record at all
+]
+
+
+@dataclass(frozen=True)
+class SignedDomain:
+    name: str  # the zone apex, also the mail domain
+    mx_host: str  # its only MX host, inside the same signed zone
+    address: str  # the MX host's A record
+    dane: DaneCase
+    weight: float = 0.0
+
+
+# The MX host of the DANE-TA case. Its certificate, issued by the sandbox CA, names it, and the
+# server presents the CA certificate too (RFC 7672 §3.1.2: a DANE-TA trust anchor must be in
+# the chain). It is served by the DNSSEC process, not by one of the posture servers above.
+DANE_TA_MX = MXServer("mx.dane-ta.test", "127.0.0.28", "tls13")
+
+SIGNED_DOMAINS: tuple[SignedDomain, ...] = (
+    SignedDomain("dane-ok.test", "mx.dane-ok.test", MX_BY_POSTURE["tls13"].address, "ee"),
+    SignedDomain("dane-ta.test", DANE_TA_MX.host, DANE_TA_MX.address, "ta"),
+    SignedDomain(
+        "dane-mismatch.test", "mx.dane-mismatch.test", MX_BY_POSTURE["tls13"].address, "mismatch"
+    ),
+    SignedDomain("dane-bogus.test", "mx.dane-bogus.test", MX_BY_POSTURE["tls13"].address, "bogus"),
+    SignedDomain(
+        "dane-notlsa.test", "mx.dane-notlsa.test", MX_BY_POSTURE["tls13"].address, "notlsa"
+    ),
+)
+SIGNED_DOMAINS_BY_NAME: dict[str, SignedDomain] = {d.name: d for d in SIGNED_DOMAINS}
+# Mail domains inside the dane-bogus.test zone: the MX record of the first fails DNSSEC
+# validation; the second has a valid MX record whose host's A record fails validation.
+BOGUS_MX_DOMAIN = "bogus-mx.dane-bogus.test"
+BOGUS_A_DOMAIN = "bogus-a.dane-bogus.test"
+BOGUS_A_HOST = "mx.bogus-a.dane-bogus.test"
