@@ -3,6 +3,12 @@
 Results are data: a list of MX hosts with their addresses in preference order, or a
 verdict that is either permanent (the domain takes no mail) or temporary (ask again
 later). A DNS failure is never taken to mean "no TLS" or "send in cleartext".
+
+With ``dnssec=True`` the nameserver is a trusted DNSSEC-validating resolver
+(``RECAPITO_DANE_RESOLVER``): queries carry EDNS with the DO bit, the results say whether the
+MX and address answers were validated (``authenticated``, the AD bit), which DANE needs
+(RFC 7672 §2.2), and a SERVFAIL from it, its answer for data that fails validation, comes
+back as a temporary error with detail ``dnssec-invalid``.
 """
 
 from __future__ import annotations
@@ -14,8 +20,16 @@ from typing import Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
+
+# EDNS payload size announced to a validating resolver (the DNS flag day 2020 value).
+DNSSEC_PAYLOAD = 1232
+# The TLS-RPT result type for a DNSSEC validation failure, used as the detail of such errors.
+DNSSEC_INVALID = "dnssec-invalid"
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,7 @@ class MXHost:
     preference: int
     name: str
     addresses: tuple[str, ...]
+    authenticated: bool = False  # the address answers were DNSSEC-validated (dnssec mode)
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,7 @@ class MXResult:
     error: Literal["nxdomain", "null_mx", "no_mail_host", "temporary"] | None = None
     detail: str = ""
     implicit: bool = False  # no MX records: the domain's own address is the MX
+    authenticated: bool = False  # the MX answer (or its absence) was DNSSEC-validated
 
     @property
     def permanent_failure(self) -> bool:
@@ -45,6 +61,8 @@ class MXResolver:
 
     nameserver: tuple[str, int] | None = None
     timeout: float = 5.0
+    # ``nameserver`` is a trusted validating resolver: ask with DO, report its AD bit
+    dnssec: bool = False
     _cache: dict[str, MXResult] = field(default_factory=dict)
     _inflight: dict[str, asyncio.Future[MXResult]] = field(default_factory=dict)
     _resolver: dns.asyncresolver.Resolver | None = None
@@ -58,9 +76,31 @@ class MXResolver:
                 resolver.nameservers = [self.nameserver[0]]
                 resolver.port = self.nameserver[1]
             resolver.lifetime = self.timeout
+            if self._trust_ad:
+                resolver.use_edns(0, dns.flags.DO, DNSSEC_PAYLOAD)
             resolver.timeout = min(2.0, self.timeout)
             self._resolver = resolver
         return self._resolver
+
+    @property
+    def _trust_ad(self) -> bool:
+        # The AD bit means something only from the resolver we were told to trust.
+        return self.dnssec and self.nameserver is not None
+
+    def _validated(self, response: dns.message.Message | None) -> bool:
+        return self._trust_ad and response is not None and bool(response.flags & dns.flags.AD)
+
+    def _failure(self, exc: dns.exception.DNSException) -> str:
+        """The detail of a temporary failure; a validating resolver's SERVFAIL is bogus DNSSEC."""
+        if self._trust_ad and isinstance(exc, dns.resolver.NoNameservers):
+            for error in exc.kwargs.get("errors", ()):
+                response = error[-1] if isinstance(error, tuple) and error else None
+                if (
+                    isinstance(response, dns.message.Message)
+                    and response.rcode() == dns.rcode.SERVFAIL
+                ):
+                    return DNSSEC_INVALID
+        return type(exc).__name__
 
     async def resolve(self, domain: str) -> MXResult:
         key = domain.lower().rstrip(".")
@@ -91,18 +131,24 @@ class MXResolver:
             answer = await resolver.resolve(domain, "MX")
         except dns.resolver.NXDOMAIN:
             return MXResult(domain, error="nxdomain", detail="domain does not exist")
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NoAnswer as exc:
             # RFC 5321 §5.1: no MX records, the domain itself is the mail host
-            addresses = await self._addresses(domain)
-            if isinstance(addresses, str):
-                return MXResult(domain, error="temporary", detail=addresses)
+            secure_mx = self._validated(exc.kwargs.get("response"))
+            found = await self._addresses(domain)
+            if isinstance(found, str):
+                return MXResult(domain, error="temporary", detail=found)
+            addresses, secure = found
             if not addresses:
                 return MXResult(domain, error="no_mail_host", detail="no MX and no address")
-            return MXResult(domain, hosts=(MXHost(0, domain, addresses),), implicit=True)
-        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.YXDOMAIN) as exc:
-            return MXResult(domain, error="temporary", detail=type(exc).__name__)
+            return MXResult(
+                domain,
+                hosts=(MXHost(0, domain, addresses, secure),),
+                implicit=True,
+                authenticated=secure_mx,
+            )
         except dns.exception.DNSException as exc:
-            return MXResult(domain, error="temporary", detail=type(exc).__name__)
+            return MXResult(domain, error="temporary", detail=self._failure(exc))
+        secure_mx = self._validated(answer.response)
         records = sorted(
             ((int(r.preference), r.exchange.to_text().rstrip(".").lower()) for r in answer),
             key=lambda pr: pr[0],
@@ -122,29 +168,43 @@ class MXResolver:
         lookups = await asyncio.gather(*(self._addresses(name) for _, name in ordered))
         hosts: list[MXHost] = []
         failures: list[str] = []
-        for (pref, name), addrs in zip(ordered, lookups, strict=True):
-            if isinstance(addrs, str):
-                failures.append(f"{name}: {addrs}")
-            elif addrs:
-                hosts.append(MXHost(pref, name, addrs))
+        for (pref, name), found in zip(ordered, lookups, strict=True):
+            if isinstance(found, str):
+                failures.append(f"{name}: {found}")
+            elif found[0]:
+                hosts.append(MXHost(pref, name, found[0], found[1]))
         if hosts:
-            return MXResult(domain, hosts=tuple(hosts))
+            return MXResult(domain, hosts=tuple(hosts), authenticated=secure_mx)
         if failures:
-            return MXResult(domain, error="temporary", detail="; ".join(failures))
+            detail = "; ".join(failures)
+            if all(f.endswith(f": {DNSSEC_INVALID}") for f in failures):
+                detail = f"{DNSSEC_INVALID}: {detail}"
+            return MXResult(domain, error="temporary", detail=detail)
         return MXResult(domain, error="no_mail_host", detail="no MX host has an address")
 
-    async def _addresses(self, host: str) -> tuple[str, ...] | str:
-        """Addresses of a host (A then AAAA); a string describes a temporary failure."""
+    async def _addresses(self, host: str) -> tuple[tuple[str, ...], bool] | str:
+        """Addresses of a host (A then AAAA) and whether every answer was DNSSEC-validated;
+        a string describes a temporary failure."""
         resolver = self._get_resolver()
         found: list[str] = []
+        secure = self._trust_ad
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await resolver.resolve(host, rdtype)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            except dns.resolver.NXDOMAIN:
+                secure = False
+                continue
+            except dns.resolver.NoAnswer as exc:
+                secure = secure and self._validated(exc.kwargs.get("response"))
                 continue
             except dns.exception.DNSException as exc:
-                if found:
+                failure = self._failure(exc)
+                # An AAAA lookup that fails after A succeeded leaves the A records usable,
+                # but not when validation failed: forged data makes the whole host suspect.
+                if found and failure != DNSSEC_INVALID:
+                    secure = False
                     break
-                return type(exc).__name__
+                return failure
+            secure = secure and self._validated(answer.response)
             found.extend(r.to_text() for r in answer)
-        return tuple(found)
+        return tuple(found), secure
