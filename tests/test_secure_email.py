@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from recapito.config import Settings
-from recapito.delivery.dns import MXResolver
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun
 from recapito.ledger import Claim, Ledger, PlannedDelivery
 from recapito.render.template import RenderedMessage, message_id_for
 from recapito.sandbox.runtime import Sandbox
 from recapito.security.policy import TLSPolicy
-from recapito.security.recipient import recipient_policies
+from recapito.security.recipient import mx_resolver, recipient_policies
 
 SENDER = "news@banca-esempio.test"
 POLICIES = ["opportunistic", "secure:L1", "secure:L2", "secure:L3", "secure:L4"]
@@ -42,6 +41,15 @@ MATRIX: dict[str, tuple[tuple[str, ...], str | None]] = {
     "sts-broken.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
     "sts-redirect.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
     "sts-badwebcert.test": ((SENT, SENT, SENT, SENT, INS), "validation-failure"),
+    # DANE (DNSSEC-signed zones behind the sandbox's validating resolver): a TLSA match is
+    # L4 even though the certificate does not name the MX; a mismatch is a floor everywhere
+    "dane-ok.test": ((SENT,) * 5, None),
+    "dane-ta.test": ((SENT,) * 5, None),
+    "dane-mismatch.test": ((INS,) * 5, "tlsa-invalid"),
+    "dane-notlsa.test": ((SENT, SENT, SENT, INS, INS), "certificate-host-mismatch"),
+    "dane-bogus.test": ((DEF,) * 5, "dnssec-invalid"),  # TLSA fails validation
+    "bogus-mx.dane-bogus.test": ((DEF,) * 5, "dnssec-invalid"),  # MX fails validation
+    "bogus-a.dane-bogus.test": ((DEF,) * 5, "dnssec-invalid"),  # A fails validation
 }
 
 
@@ -67,7 +75,7 @@ def _run(box: Sandbox, ledger: Ledger, camp: str, policy: str) -> None:
     settings = Settings.load({**os.environ, **box.env(), "RECAPITO_HOME": str(box.home)})
     policies = recipient_policies(settings, store=ledger)
     claims = ledger.claim_chunk(campaign.id, 0, worker="matrix")
-    run = DeliveryRun(ledger, options, render, MXResolver(box.dns_address), policies)
+    run = DeliveryRun(ledger, options, render, mx_resolver(settings), policies)
     asyncio.run(run.run(claims))
 
 
@@ -114,6 +122,8 @@ def test_posture_policy_matrix(sandbox: Sandbox, tmp_path: Path, policy_index: i
         assert levels["mailitalia.test"] == "L3"
         assert levels["sts-enforce.test"] == "L4"
         assert levels["sts-testing.test"] == "L3"
+        assert levels["dane-ok.test"] == "L4" and levels["dane-ta.test"] == "L4"
+        assert levels["dane-notlsa.test"] == "L2"
     ledger.close()
 
 

@@ -28,6 +28,9 @@ EXPECTED = {
     "nessuna-posta.test": ([], ["domain_invalid"] * 5),
     "sts-enforce.test": (["L4"], ["send"] * 5),
     "sts-enforce-mismatch.test": (["L3"], ["insecure_channel"] * 5),
+    "dane-ok.test": (["L4"], ["send"] * 5),
+    "dane-mismatch.test": (["L2"], ["insecure_channel"] * 5),
+    "dane-bogus.test": (["L2"], ["defer"] * 5),
     "dominio-inesistente.test": ([], ["domain_invalid"] * 5),
 }
 
@@ -63,6 +66,10 @@ def test_tls_check_json_matches_the_sandbox(env: dict[str, str]) -> None:
     assert by_domain["casella.test"]["mx"][0]["tls_version"] == "TLSv1.2"
     assert by_domain["sts-enforce.test"]["mta_sts"] == "enforce"
     assert by_domain["mailitalia.test"]["mta_sts"] is None
+    assert by_domain["dane-ok.test"]["dane"] == "match"
+    assert by_domain["dane-mismatch.test"]["mx"][0]["reason"] == "tlsa-invalid"
+    assert by_domain["dane-bogus.test"]["dane"] == "bogus"
+    assert by_domain["mailitalia.test"]["dane"] == "none"  # unsigned zone: DANE does not apply
     assert by_domain["sts-enforce-mismatch.test"]["mx"][0]["reason"] == "validation-failure"
 
 

@@ -23,7 +23,6 @@ from pydantic import BaseModel, Field, field_validator
 from recapito.config import Settings
 from recapito.contacts.sources import ContactSource, load
 from recapito.contacts.targeting import target
-from recapito.delivery.dns import MXResolver
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun
 from recapito.errors import InputError
 from recapito.ledger import Claim, Ledger, PlannedDelivery
@@ -35,7 +34,7 @@ from recapito.render.template import (
     message_id_for,
 )
 from recapito.security.policy import TLSPolicy
-from recapito.security.recipient import recipient_policies
+from recapito.security.recipient import mx_resolver, recipient_policies
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
@@ -255,7 +254,7 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
             ledger,
             options,
             chunk_renderer(template, audience, params),
-            MXResolver(settings.dane_resolver or settings.dns),
+            mx_resolver(settings),
             recipient_policies(settings, store=ledger),
         )
         stats = asyncio.run(run.run(claims))

@@ -223,9 +223,8 @@ def tls_check(
     import asyncio
 
     from recapito.config import Settings, parse_hostport
-    from recapito.delivery.dns import MXResolver
     from recapito.security.check import check_domains
-    from recapito.security.recipient import recipient_policies
+    from recapito.security.recipient import mx_resolver, recipient_policies
 
     settings = Settings.load()
     nameserver = parse_hostport(dns_server, "--dns") if dns_server else settings.dns
@@ -235,7 +234,7 @@ def tls_check(
         policies = recipient_policies(settings, nameserver)
         return await check_domains(
             list(domains),
-            resolver=MXResolver(settings.dane_resolver or nameserver, timeout=timeout),
+            resolver=mx_resolver(settings, nameserver, timeout),
             port=port,
             helo_name=settings.helo_name,
             extra_ca_file=settings.tls_ca_file,

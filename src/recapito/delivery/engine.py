@@ -188,7 +188,11 @@ class DeliveryRun:
                 ),
             )
         else:
-            self._defer(claim, "dns_temporary", f"{result.domain}: {result.detail}")
+            # a DNSSEC validation failure is never taken as "no security": defer it too
+            reason = (
+                "dnssec-invalid" if result.detail.startswith("dnssec-invalid") else "dns_temporary"
+            )
+            self._defer(claim, reason, f"{result.domain}: {result.detail}")
 
     def _reply_outcome(
         self, claim: Claim, session: MXSession, msg_id: str, reply: SMTPReply
