@@ -28,6 +28,8 @@ MATRIX: dict[str, tuple[tuple[str, ...], str | None]] = {
     "studio-legale.test": ((SENT, SENT, SENT, INS, INS), "certificate-expired"),
     "hosting-condiviso.test": ((SENT, SENT, SENT, INS, INS), "certificate-host-mismatch"),
     "vecchiaposta.test": ((SENT, INS, INS, INS, INS), "starttls-not-supported"),  # no STARTTLS
+    # TLS 1.0/1.1 only: classified on a separate connection, never sent through it at L2+
+    "vecchio-tls.test": ((SENT, SENT, INS, INS, INS), "tls-version-too-low"),
     # dead primary MX: a qualifying secondary gets the mail; when the secondary does not
     # qualify, the unreachable primary might have: deferred, never insecure_channel
     "doppio-mx.test": ((SENT, SENT, SENT, SENT, DEF), "connection_failed"),
@@ -111,8 +113,11 @@ def test_posture_policy_matrix(sandbox: Sandbox, tmp_path: Path, policy_index: i
     stored = [m for m in sandbox.messages() if m.header("X-Recapito-Campaign") == camp]
     accepted = {str(r["id"]) for r in rows if r["state"] == SENT}
     assert {m.delivery_id for m in stored} == accepted and len(stored) == len(accepted)
+    floor = {"secure:L1": ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")}.get(
+        policy, ("TLSv1.2", "TLSv1.3")
+    )
     if policy != "opportunistic":
-        assert all(m.x_sandbox_tls in ("TLSv1.2", "TLSv1.3") for m in stored), [
+        assert all(m.x_sandbox_tls in floor for m in stored), [
             (m.domain, m.x_sandbox_tls) for m in stored
         ]
     levels = {r["domain"]: r["tls_level"] for r in rows if r["state"] == SENT}
@@ -124,6 +129,7 @@ def test_posture_policy_matrix(sandbox: Sandbox, tmp_path: Path, policy_index: i
         assert levels["sts-testing.test"] == "L3"
         assert levels["dane-ok.test"] == "L4" and levels["dane-ta.test"] == "L4"
         assert levels["dane-notlsa.test"] == "L2"
+        assert levels["vecchio-tls.test"] == "L1"
     ledger.close()
 
 
@@ -190,4 +196,34 @@ def test_starttls_missing_after_being_offered_is_a_suspected_downgrade(
     assert row["state"] == "deferred" and row["reason"] == "starttls-not-supported"
     assert "downgrade suspected" in row["reply_text"]
     assert not [m for m in sandbox.messages() if m.header("X-Recapito-Campaign") == camp]
+    ledger.close()
+
+
+def test_flapping_mx_is_deferred_once_it_stops_offering_starttls(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The sandbox's flapping MX offers STARTTLS on its first connections only."""
+    from recapito.sandbox.runtime import probe_mx
+    from recapito.sandbox.world import FLAPPING_TLS_CONNECTIONS, MX_BY_POSTURE
+
+    tag = uuid.uuid4().hex[:8]
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    first = ledger.ensure_campaign(f"flap1-{tag}", sender=SENDER, template_hash="t" * 64, params={})
+    ledger.plan(first.id, [PlannedDelivery("1", f"a.{tag}@instabile.test", "instabile.test", 0)])
+    _run(sandbox, ledger, f"flap1-{tag}", "opportunistic")
+    row = ledger.deliveries_of(first.id)[0]
+    assert row["state"] == "accepted" and row["tls_version"] == "TLSv1.3", row
+    server = MX_BY_POSTURE["flapping"]
+    for _ in range(FLAPPING_TLS_CONNECTIONS):  # use up the connections that still offer TLS
+        probe_mx(server.address, sandbox.mx_port)
+    second = ledger.ensure_campaign(
+        f"flap2-{tag}", sender=SENDER, template_hash="t" * 64, params={}
+    )
+    ledger.plan(second.id, [PlannedDelivery("1", f"b.{tag}@instabile.test", "instabile.test", 0)])
+    _run(sandbox, ledger, f"flap2-{tag}", "opportunistic")
+    row = ledger.deliveries_of(second.id)[0]
+    assert row["state"] == "deferred", row
+    assert row["reason"] == "starttls-not-supported" and "downgrade" in row["reply_text"]
+    received = [m for m in sandbox.messages() if m.header("X-Recapito-Campaign") == f"flap2-{tag}"]
+    assert received == []  # nothing went out in cleartext
     ledger.close()

@@ -9,7 +9,9 @@ its own loopback address and the shared MX port. What a server does is fixed by 
 - ``plain``: no STARTTLS at all;
 - ``greylist``: ``451 4.7.1`` for a (sender, recipient) pair until ``GREYLIST_DELAY_SECONDS``
   after its first try, then accepted;
-- ``rejecting``: ``550 5.1.1`` for local parts containing a ``REJECTED_LOCAL_MARKERS`` marker.
+- ``rejecting``: ``550 5.1.1`` for local parts containing a ``REJECTED_LOCAL_MARKERS`` marker;
+- ``legacy``: STARTTLS with TLS 1.0/1.1 only;
+- ``flapping``: STARTTLS on its first ``FLAPPING_TLS_CONNECTIONS`` connections, then never.
 
 STARTTLS is always optional (``require_starttls=False``), as on the public Internet. Accepted
 mail is written once per accepted recipient into ``<maildir root>/<domain>/new`` (see
@@ -28,6 +30,7 @@ import signal
 import ssl
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,6 +91,12 @@ def tls_context(posture: str, cert_file: str | None, key_file: str | None) -> ss
     elif posture == "tls12":
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    elif posture == "legacy":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # old on purpose
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     return ctx
 
 
@@ -267,13 +276,19 @@ def smtp_factory(spec: MXProcessSpec, loop: asyncio.AbstractEventLoop) -> Callab
     writer = MaildirWriter(Path(spec.maildir_root), server.host)
     handler = SandboxHandler(server, writer, spec.greylist_delay)
     context = tls_context(spec.posture, spec.cert_file, spec.key_file)
+    connections = 0
 
     def factory() -> SMTP:
+        nonlocal connections
+        connections += 1
+        offered = context
+        if spec.posture == "flapping" and connections > world.FLAPPING_TLS_CONNECTIONS:
+            offered = None  # STARTTLS vanishes from the EHLO reply from now on
         return SandboxSMTP(
             handler,
             hostname=server.host,
             ident=BANNER_IDENT,
-            tls_context=context,
+            tls_context=offered,
             require_starttls=False,
             data_size_limit=spec.data_size_limit,
             enable_SMTPUTF8=True,

@@ -22,6 +22,8 @@ Posture = Literal[
     "plain",  # no STARTTLS offered
     "greylist",  # 451 4.7.1 on the first try of a sender/recipient pair
     "rejecting",  # 550 5.1.1 for some mailboxes (see REJECTED_LOCAL_MARKERS), TLS 1.3
+    "legacy",  # TLS 1.0/1.1 only (old ciphers allowed), sandbox-CA certificate
+    "flapping",  # offers STARTTLS on its first FLAPPING_TLS_CONNECTIONS connections, then never
 ]
 
 
@@ -43,7 +45,12 @@ MX_SERVERS: tuple[MXServer, ...] = (
     MXServer("mx.rejecting.sandbox.test", "127.0.0.25", "rejecting"),
     MXServer("mx.expired.sandbox.test", "127.0.0.26", "expired"),
     MXServer("mx.wrongname.sandbox.test", "127.0.0.27", "wrongname"),
+    MXServer("mx.legacy.sandbox.test", "127.0.0.30", "legacy"),
+    MXServer("mx.flapping.sandbox.test", "127.0.0.31", "flapping"),
 )
+# The flapping MX stops offering STARTTLS after this many connections (a stripped or
+# downgraded server, as an attacker in the path would make it look).
+FLAPPING_TLS_CONNECTIONS = 2
 DEAD_MX = MXServer("mx.dead.sandbox.test", "127.0.0.29", "tls13")  # never listens
 MX_BY_POSTURE: dict[str, MXServer] = {s.posture: s for s in MX_SERVERS}
 
@@ -151,6 +158,9 @@ DOMAINS: tuple[Domain, ...] = (
     Domain("hosting-condiviso.test", (_mx("wrongname"),), 0.03),
     # primary MX dead, secondary alive: exercises failover across MX hosts
     Domain("doppio-mx.test", ((10, DEAD_MX.host), _mx("tls13", 20)), 0.02),
+    # an old server that speaks only TLS 1.0/1.1, and one whose STARTTLS disappears
+    Domain("vecchio-tls.test", (_mx("legacy"),), 0.0),
+    Domain("instabile.test", (_mx("flapping"),), 0.0),
     # no MX record: the domain's own A record is the implicit MX (RFC 5321 §5.1)
     Domain("solo-a.test", (), 0.005, "implicit_mx"),
     # null MX (RFC 7505): accepts no mail
