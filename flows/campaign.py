@@ -24,24 +24,26 @@ from tasks.campaign import build_report, deliver_chunk, due_retries, prepare_cam
 def _deliver(
     params: CampaignParams,
     prepared: dict[str, Any],
-    chunks: list[int],
+    chunks: dict[int, str],
     round_: int,
     progress: UUID | None,
 ) -> None:
-    """Run chunk tasks with at most ``parallel_chunks`` in flight."""
+    """Run chunk tasks with at most ``parallel_chunks`` in flight (chunk -> retry token)."""
     logger = get_run_logger()
     pending: list[PrefectFuture[dict[str, Any]]] = []
-    queue = list(chunks)
+    queue = sorted(chunks)
     done = 0
     while queue or pending:
         while queue and len(pending) < params.parallel_chunks:
+            chunk = queue.pop(0)
             pending.append(
                 deliver_chunk.submit(
                     params,
-                    queue.pop(0),
+                    chunk,
                     prepared["campaign_key"],
                     prepared["template_hash"],
                     round_,
+                    chunks[chunk],
                 )
             )
         finished, not_done = wait(pending, timeout=1.0)
@@ -86,12 +88,13 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
     progress = create_progress_artifact(
         progress=0.0, key=f"{_artifact_key(params.name)}-progress", description="chunks delivered"
     )
-    _deliver(params, prepared, chunks, 0, progress)
-    # greylisting and other 4xx: retry inside this run while the window allows
+    _deliver(params, prepared, {c: "" for c in chunks}, 0, progress)
+    # deferred mail (greylisting, 4xx): what is already due is retried now, and the run
+    # waits up to retry_within_run_seconds for more to come due
     deadline = time.monotonic() + params.retry_within_run_seconds
     round_ = 0
-    while params.retry_within_run_seconds and time.monotonic() < deadline:
-        due = due_retries(params, deadline - time.monotonic())
+    while True:
+        due = due_retries(params, max(0.0, deadline - time.monotonic()))
         if not due["chunks"]:
             break
         round_ += 1
@@ -103,7 +106,9 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
         )
         time.sleep(due["wait_seconds"])
         _deliver(params, prepared, due["chunks"], round_, None)
-    report = build_report(params.name, status="delivered")
+        if time.monotonic() >= deadline:
+            break
+    report = build_report(params.name, finish=True)
     key = _artifact_key(params.name)
     create_markdown_artifact(funnel_markdown(report), key=key, description="campaign funnel")
     create_table_artifact(domain_rows(report), key=f"{key}-domains", description="per domain")

@@ -38,6 +38,7 @@ def chunk_cache_key(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
     return (
         f"recapito:{params.name}:{parameters['campaign_key']}:email:"
         f"{parameters['chunk']}:{parameters['template_hash']}:round{parameters['round']}"
+        f":{parameters['retry_token']}"
     )
 
 
@@ -69,9 +70,15 @@ def prepare_campaign(params: core.CampaignParams) -> dict[str, Any]:
     task_run_name="deliver-chunk-{chunk}-round-{round}",
 )
 def deliver_chunk(
-    params: core.CampaignParams, chunk: int, campaign_key: str, template_hash: str, round: int
+    params: core.CampaignParams,
+    chunk: int,
+    campaign_key: str,
+    template_hash: str,
+    round: int,
+    retry_token: str = "",
 ) -> dict[str, Any]:
-    """Send one chunk. Round 0 is the first pass; later rounds retry its deferred mail."""
+    """Send one chunk. Round 0 is the first pass; later rounds retry its deferred mail
+    (``retry_token`` identifies which deferred rows, so a re-run retries new ones)."""
     return core.deliver_chunk(params, chunk, Settings.load())
 
 
@@ -81,12 +88,19 @@ def due_retries(params: core.CampaignParams, within_seconds: float) -> dict[str,
 
 
 @task(name="campaign-report", retries=2, retry_condition_fn=transient_only)
-def build_report(name: str, status: str | None = None) -> dict[str, Any]:
+def build_report(name: str, finish: bool = False) -> dict[str, Any]:
+    """The campaign's figures; with ``finish`` also its status after this run:
+    ``completed`` when nothing is left to send, ``waiting_retry`` while deferred mail
+    remains (run the campaign again to retry it once due)."""
     ledger = Ledger(Settings.load().db_url, run_migrations=False)
     try:
         campaign = ledger.get_campaign(name)
-        if campaign is not None and status is not None:
-            ledger.update_campaign(campaign.id, status=status)
+        if campaign is not None and finish:
+            states = ledger.state_counts(campaign.id)
+            open_rows = sum(states.get(s, 0) for s in ("planned", "claimed", "deferred"))
+            ledger.update_campaign(
+                campaign.id, status="waiting_retry" if open_rows else "completed"
+            )
         return campaign_report(ledger, name)
     finally:
         ledger.close()

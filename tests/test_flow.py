@@ -76,7 +76,9 @@ def test_campaign_flow_end_to_end(prefect_harness: None, home: Path, sandbox: Sa
         assert (check["stored"], check["duplicates"]) == (3, 0)
     finally:
         ledger.close()
-    audience = pl.read_parquet(home / "campaigns" / "flow-test" / "audience.parquet")
+    from recapito.campaign import campaign_dir
+
+    audience = pl.read_parquet(campaign_dir(settings, "flow-test") / "audience.parquet")
     assert audience.height == 5
 
 
@@ -99,4 +101,83 @@ def test_undefined_placeholder_stops_before_sending(prefect_harness: None, home:
         campaign_flow(params)
     ledger = Ledger(Settings.load().db_url)
     assert ledger.get_campaign("bad-template") is None
+    ledger.close()
+
+
+def test_rerun_retries_deferred_mail_once_due(prefect_harness: None, home: Path) -> None:
+    """Greylisted mail: deferred by the first run, accepted by a later run of the campaign."""
+    import time
+
+    from flows.campaign import campaign_flow
+    from recapito.sandbox.world import GREYLIST_DELAY_SECONDS
+
+    contacts = home / "grey.csv"
+    contacts.write_text("email;nome\ngrey.rerun@webposta.test;Gina\n", encoding="utf-8")
+    params = CampaignParams(
+        name="grey-rerun",
+        contacts=str(contacts),
+        template=str(_minimal_template(home)),
+        sender="comunicazioni@banca-esempio.test",
+        retry_after_seconds=1,
+    )
+    first = campaign_flow(params)
+    assert first["funnel"]["deferred"] == 1 and first["status"] == "waiting_retry"
+    time.sleep(max(GREYLIST_DELAY_SECONDS, 1.0) + 0.5)
+    second = campaign_flow(params)
+    assert second["funnel"]["accepted"] == 1 and second["funnel"]["deferred"] == 0
+    assert second["status"] == "completed"
+
+
+def _minimal_template(home: Path) -> Path:
+    tpl = home / "tpl-min"
+    if not tpl.exists():
+        tpl.mkdir()
+        (tpl / "template.toml").write_text('subject = "Ciao {{ nome }}"\n')
+        (tpl / "body.html").write_text("<p>Ciao {{ nome }}</p>")
+    return tpl
+
+
+def test_rerun_with_other_audience_parameters_is_refused(prefect_harness: None, home: Path) -> None:
+    from flows.campaign import campaign_flow
+    from recapito.errors import InputError
+
+    contacts = str(_contacts(home / "contacts.csv"))
+    base = {
+        "contacts": contacts,
+        "template": str(DEMO_TEMPLATE),
+        "sender": "comunicazioni@banca-esempio.test",
+    }
+    campaign_flow(CampaignParams(name="same-name", **base))
+    with pytest.raises(InputError, match=r"created with filter=None, now filter="):
+        campaign_flow(CampaignParams(name="same-name", filter='provincia = "MI"', **base))
+
+
+def test_names_that_look_alike_never_share_a_folder(home: Path) -> None:
+    from recapito.campaign import campaign_dir
+
+    settings = Settings.load()
+    assert campaign_dir(settings, "qa coll2") != campaign_dir(settings, "qa_coll2")
+    assert campaign_dir(settings, "qa coll2") == campaign_dir(settings, "qa coll2")
+
+
+def test_template_breaking_the_sandbox_stops_before_planning(
+    prefect_harness: None, home: Path
+) -> None:
+    from flows.campaign import campaign_flow
+    from recapito.errors import TemplateError
+
+    tpl = home / "evil"
+    tpl.mkdir()
+    (tpl / "template.toml").write_text('subject = "x"\n')
+    (tpl / "body.html").write_text("{{ nome.__class__.__mro__ }}")
+    params = CampaignParams(
+        name="evil",
+        contacts=str(_contacts(home / "contacts.csv")),
+        template=str(tpl),
+        sender="comunicazioni@banca-esempio.test",
+    )
+    with pytest.raises(TemplateError, match="unsafe"):
+        campaign_flow(params)
+    ledger = Ledger(Settings.load().db_url)
+    assert ledger.get_campaign("evil") is None  # nothing planned, nothing sent
     ledger.close()

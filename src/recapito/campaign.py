@@ -9,6 +9,7 @@ exist, and claiming only takes rows that are still to be sent.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import socket
@@ -67,8 +68,8 @@ class CampaignParams(BaseModel):
         0,
         ge=0,
         le=3_600,
-        description="How long this run itself waits to retry deferred mail; later retries "
-        "are left to the retry-deferred flow",
+        description="How long this run itself waits to retry deferred mail; deferred mail "
+        "already due is always retried, also when the campaign is run again later",
     )
 
     @field_validator("name")
@@ -107,8 +108,41 @@ class Prepared:
 
 
 def campaign_dir(settings: Settings, name: str) -> Path:
+    """The campaign's own folder: readable name plus a digest of the exact name, so names
+    that differ only in characters the file system cannot take never share a folder."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    return settings.home / "campaigns" / safe
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return settings.home / "campaigns" / f"{safe}-{digest}"
+
+
+# Parameters that decide who is in the audience and what they get: a re-run must match.
+_AUDIENCE_PARAMS = ("contacts", "query", "filter", "mapping", "encoding", "delimiter", "sender")
+
+
+def _check_same_audience(params: CampaignParams, stored: dict[str, Any]) -> None:
+    for key in _AUDIENCE_PARAMS:
+        before, now = stored.get(key), getattr(params, key)
+        if before != now:
+            raise InputError(
+                f"campaign {params.name!r} was created with {key}={before!r}, now {key}={now!r}: "
+                "re-run it with the same parameters, or choose a new campaign name"
+            )
+
+
+def _sample_render(
+    template: CompiledTemplate, audience: pl.DataFrame, params: CampaignParams
+) -> None:
+    """Render the first recipient before anything is planned: a template that breaks the
+    sandbox or fails on real data stops the campaign here, not at every recipient."""
+    if audience.height == 0:
+        return
+    first = audience.head(1).to_dicts()[0]
+    template.render(
+        {**first, "campaign": params.name},
+        sender=params.sender,
+        recipient=str(first.get("email") or "sample@example.invalid"),
+        message_id=message_id_for(params.name, 0, params.sender_domain),
+    )
 
 
 def _source(params: CampaignParams) -> ContactSource:
@@ -145,48 +179,57 @@ def preflight(params: CampaignParams) -> None:
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
     """Target, check the template against the data, plan the ledger rows."""
     template = load_template(params.template)  # fails before anything else on a bad template
-    loaded = load(_source(params))
+    out = campaign_dir(settings, params.name)
+    audience_path = out / "audience.parquet"
     ledger = Ledger(settings.db_url)
     try:
-        # given the whole Loaded, target() also counts the unreadable rows as rejections
-        targeted = target(loaded, params.mapping, params.filter, ledger.suppressed_among)
-        audience = targeted.audience
-        template.check_variables(audience.columns)
-        campaign = ledger.ensure_campaign(
-            params.name,
-            sender=params.sender,
-            template_hash=template.digest,
-            params=params.model_dump(),
-        )
-        ledger.expire_stale_claims(campaign.id)
-        audience = audience.with_columns(
-            (pl.int_range(0, pl.len()) // params.chunk_size).cast(pl.Int32).alias("_chunk")
-        )
-        out = campaign_dir(settings, params.name)
-        out.mkdir(parents=True, exist_ok=True)
-        audience_path = out / "audience.parquet"
-        if not audience_path.exists() or campaign.status == "created":
+        existing = ledger.get_campaign(params.name)
+        if existing is not None and existing.status != "created" and audience_path.exists():
+            # a re-run: the audience is the snapshot the ledger rows were planned from
+            _check_same_audience(params, existing.params)
+            campaign = ledger.ensure_campaign(
+                params.name,
+                sender=params.sender,
+                template_hash=template.digest,
+                params=params.model_dump(),
+            )
+            audience = pl.read_parquet(audience_path)
+            template.check_variables(audience.columns)
+            counts: dict[str, Any] = dict(existing.counts)
+        else:
+            loaded = load(_source(params))
+            # given the whole Loaded, target() also counts the unreadable rows as rejections
+            targeted = target(loaded, params.mapping, params.filter, ledger.suppressed_among)
+            audience = targeted.audience.with_columns(
+                (pl.int_range(0, pl.len()) // params.chunk_size).cast(pl.Int32).alias("_chunk")
+            )
+            template.check_variables(audience.columns)
+            _sample_render(template, audience, params)
+            campaign = ledger.ensure_campaign(
+                params.name,
+                sender=params.sender,
+                template_hash=template.digest,
+                params=params.model_dump(),
+            )
+            out.mkdir(parents=True, exist_ok=True)
             tmp = audience_path.with_suffix(".tmp")
             audience.write_parquet(tmp)
             os.replace(tmp, audience_path)
-        else:
-            # a re-run keeps the snapshot the planned rows were made from
-            audience = pl.read_parquet(audience_path)
+            ledger.replace_rejections(
+                campaign.id,
+                targeted.rejected.select("line", "contact_id", "address", "reason").to_dicts(),
+            )
+            # the rows refused, with line numbers and reasons, for whoever fixes the source
+            targeted.rejected.write_csv(out / "rejected.csv")
+            counts = dict(targeted.counts)
+        ledger.expire_stale_claims(campaign.id)
         planned = (
             PlannedDelivery(str(cid), str(addr), str(dom), int(ch))
             for cid, addr, dom, ch in audience.select(
                 "contact_id", "email", "email_domain", "_chunk"
             ).iter_rows()
         )
-        new_rows = ledger.plan(campaign.id, planned)
-        ledger.replace_rejections(
-            campaign.id,
-            targeted.rejected.select("line", "contact_id", "address", "reason").to_dicts(),
-        )
-        # the rows refused, with line numbers and reasons, for whoever fixes the source
-        targeted.rejected.write_csv(out / "rejected.csv")
-        counts: dict[str, Any] = dict(targeted.counts)
-        counts["planned_new"] = new_rows
+        counts["planned_new"] = ledger.plan(campaign.id, planned)
         ledger.update_campaign(campaign.id, status="planned", counts=counts)
         chunks = ledger.chunks(campaign.id)
     finally:
@@ -272,10 +315,10 @@ def due_retries(
         campaign = ledger.get_campaign(params.name)
         if campaign is None:
             raise InputError(f"campaign {params.name!r} is not prepared")
-        chunks, earliest = ledger.due_deferred(campaign.id, timedelta(seconds=within_seconds))
+        chunks, latest = ledger.due_deferred(campaign.id, timedelta(seconds=within_seconds))
     finally:
         ledger.close()
     wait = 0.0
-    if earliest is not None:
-        wait = max(0.0, (earliest - utcnow()).total_seconds())
+    if latest is not None:
+        wait = max(0.0, (latest - utcnow()).total_seconds())
     return {"chunks": chunks, "wait_seconds": wait}

@@ -144,7 +144,7 @@ def run_demo(
         _say(f"generated {n_contacts:,} demo contacts in {contacts}")
         servers_ready = time.monotonic()
 
-        from recapito.campaign import CampaignParams
+        from recapito.campaign import CampaignParams, campaign_dir
         from recapito.cli import prefect_environment
 
         prefect_environment(home)
@@ -193,7 +193,7 @@ def run_demo(
             reasons = ", ".join(
                 f"{k} {v:,}" for k, v in sorted(report["rejections"].items(), key=lambda kv: -kv[1])
             )
-            rejected_csv = settings.home / "campaigns" / campaign_name / "rejected.csv"
+            rejected_csv = campaign_dir(settings, campaign_name) / "rejected.csv"
             print(f"Rejected at targeting: {reasons} (rows and line numbers: {rejected_csv})")
         print(
             f"Maildir check: {check['accepted']:,} accepted in the ledger, "

@@ -545,15 +545,24 @@ class Ledger:
 
     def due_deferred(
         self, campaign_id: int, within: timedelta
-    ) -> tuple[list[int], datetime | None]:
+    ) -> tuple[dict[int, str], datetime | None]:
         """Chunks with deferred rows due before now + ``within``, and the latest such due time.
 
-        Waiting until the latest due time lets one retry round take every one of them.
+        Each chunk comes with a token that changes whenever its deferred rows change (one
+        more attempt, one fewer row), so a retry of the same rows is recognisable and a
+        retry of new ones is not mistaken for it. Waiting until the latest due time lets
+        one retry round take every one of them.
         """
         horizon = utcnow() + within
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(deliveries.c.chunk, sa.func.max(deliveries.c.next_attempt_at))
+                sa.select(
+                    deliveries.c.chunk,
+                    sa.func.max(deliveries.c.next_attempt_at),
+                    sa.func.count(),
+                    sa.func.sum(deliveries.c.attempts),
+                    sa.func.max(deliveries.c.id),
+                )
                 .where(
                     sa.and_(
                         deliveries.c.campaign_id == campaign_id,
@@ -566,7 +575,7 @@ class Ledger:
             ).all()
         due = [d for d in (as_utc(r[1]) for r in rows) if d is not None]
         latest = max(due) if due else None
-        return [int(r[0]) for r in rows], latest
+        return {int(r[0]): f"{r[2]}-{r[3]}-{r[4]}" for r in rows}, latest
 
     def add_event(
         self,
