@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sqlite3
+import uuid
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -301,3 +305,185 @@ def test_utf16_with_bom(tmp_path: Path) -> None:
     loaded = _load(_write(tmp_path / "excel-unicode.txt", text.encode("utf-16")))
     assert loaded.delimiter == "\t"
     assert loaded.frame["nome"].to_list() == ["Niccolò"]
+
+
+# --- SQL sources never modify the database ---------------------------------------------
+
+PG_URL = os.environ.get("RECAPITO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+# Queries that must be refused before they reach the database, with what the message says.
+WRITING_QUERIES = [
+    ("drop table {t}", "starts with DROP"),
+    ("DELETE FROM {t}", "starts with DELETE"),
+    ("insert into {t} values (9, 'z@x.it')", "starts with INSERT"),
+    ("update {t} set email = null", "starts with UPDATE"),
+    ("select 1; drop table {t}", "more than one statement"),
+    ("select * from {t};\n-- done\n; delete from {t}", "more than one statement"),
+    ("with x as (select 1) delete from {t}", "would write to the database (DELETE)"),
+    ("/* report */ select * into {t}_copy from {t}", "would write to the database (INTO)"),
+    ("select 'it''s", "unterminated string"),
+]
+
+
+def _sqlite_db(tmp_path: Path) -> tuple[str, Path]:
+    db = tmp_path / "crm.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table clienti (id integer, email text)")
+        conn.executemany("insert into clienti values (?, ?)", [(1, "a@x.it"), (2, "b@x.it")])
+    conn.close()
+    return f"sqlite:///{db}", db
+
+
+def _sqlite_rows(db: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("select * from clienti order by id").fetchall()
+    conn.close()
+    return rows
+
+
+@pytest.mark.parametrize(("query", "reason"), WRITING_QUERIES)
+def test_sqlite_writing_queries_are_refused(tmp_path: Path, query: str, reason: str) -> None:
+    url, db = _sqlite_db(tmp_path)
+    sql = query.format(t="clienti")
+    with pytest.raises(InputError) as caught:
+        ContactSource.from_sql(url, sql)  # refused when the source is described...
+    message = str(caught.value)
+    assert "\n" not in message and reason in message
+    assert message.startswith(f"contact source {url}: ")
+    assert " ".join(sql.split())[:20] in message  # the query is named
+    with pytest.raises(InputError, match=re.escape(reason)):
+        sources.read_sql(url, sql)  # ...and when read directly
+    assert _sqlite_rows(db) == [(1, "a@x.it"), (2, "b@x.it")]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "drop table clienti",
+        "delete from clienti",
+        "insert into clienti values (3, 'c@x.it')",
+        "update clienti set email = null",
+        "with x as (select 1) delete from clienti",
+        "select 1; drop table clienti",
+    ],
+)
+def test_sqlite_connection_is_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """The second line of defence: even a query the checker let through cannot write."""
+    url, db = _sqlite_db(tmp_path)
+    monkeypatch.setattr(sources, "check_read_query", lambda query, url="": None)
+    with pytest.raises(InputError, match="query failed"):
+        sources.read_sql(url, query)
+    assert _sqlite_rows(db) == [(1, "a@x.it"), (2, "b@x.it")]
+    # a URL that asks for read-write SQLite URI mode is opened read-only all the same
+    with pytest.raises(InputError, match="readonly database"):
+        sources.read_sql(f"sqlite:///file:{db}?mode=rw&uri=true", "delete from clienti")
+    assert _sqlite_rows(db) == [(1, "a@x.it"), (2, "b@x.it")]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "select * from clienti where email <> 'x;y' order by id;",
+        "-- contacts\nselect * from clienti /* ; delete */ order by id",
+        "with c as (select * from clienti) select * from c order by id",
+        'select "id", email as "update; drop" from clienti order by id',
+        "values (1, 'a@x.it'), (2, 'b@x.it')",
+        "select * from clienti where email like '%delete%' or id > 0 order by id",
+        "select last_update_ok.* from clienti as last_update_ok order by id",
+    ],
+)
+def test_sqlite_reading_queries_still_work(tmp_path: Path, query: str) -> None:
+    url, _ = _sqlite_db(tmp_path)
+    loaded = load(ContactSource.from_sql(url, query))
+    assert loaded.frame.height == 2
+    assert loaded.frame.row(0)[1:] == (1, "a@x.it")
+
+
+@pytest.fixture
+def pg_table() -> Iterator[tuple[str, str]]:
+    """A schema of our own in the ``test`` database with a ``clienti`` table of two rows."""
+    import sqlalchemy as sa
+
+    schema = f"recapito_src_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'create schema "{schema}"'))
+        conn.execute(sa.text(f'create table "{schema}".clienti (id integer, email text)'))
+        conn.execute(
+            sa.text(f"insert into \"{schema}\".clienti values (1, 'a@x.it'), (2, 'b@x.it')")
+        )
+    try:
+        yield PG_URL, f'"{schema}".clienti'
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'drop schema if exists "{schema}" cascade'))
+        engine.dispose()
+
+
+def _pg_rows(table: str) -> list[tuple[object, ...]]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(f"select * from {table} order by id"))]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("query", "reason"), WRITING_QUERIES)
+def test_postgres_writing_queries_are_refused(
+    pg_table: tuple[str, str], query: str, reason: str
+) -> None:
+    url, table = pg_table
+    sql = query.format(t=table)
+    with pytest.raises(InputError, match=re.escape(reason)) as caught:
+        ContactSource.from_sql(url, sql)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(InputError, match=re.escape(reason)):
+        sources.read_sql(url, sql)
+    assert _pg_rows(table) == [(1, "a@x.it"), (2, "b@x.it")]
+
+
+@pytest.mark.postgres
+def test_postgres_connection_is_read_only(
+    pg_table: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, table = pg_table
+    loaded = load(ContactSource.from_sql(url, f"(select * from {table} order by id)"))
+    assert loaded.frame["email"].to_list() == ["a@x.it", "b@x.it"]
+    assert load(ContactSource.from_sql(url, f"table {table}")).frame.height == 2
+    flags = load(
+        ContactSource.from_sql(
+            url,
+            "select current_setting('transaction_read_only') as t, "
+            "current_setting('default_transaction_read_only') as d",
+        )
+    )
+    assert flags.frame.row(0)[1:] == ("on", "on")
+    # The second line of defence: even a query the checker let through cannot write.
+    monkeypatch.setattr(sources, "check_read_query", lambda query, url="": None)
+    for sql in [
+        f"drop table {table}",
+        f"delete from {table}",
+        f"insert into {table} values (3, 'c@x.it')",
+        f"update {table} set email = null",
+        f"with d as (delete from {table} returning *) select * from d",
+        f"select 1; drop table {table}",
+        f"commit; delete from {table}",
+    ]:
+        with pytest.raises(InputError, match="read-only transaction"):
+            sources.read_sql(url, sql)
+    assert _pg_rows(table) == [(1, "a@x.it"), (2, "b@x.it")]
+
+
+def test_postgres_dollar_quotes_and_escape_strings_are_understood() -> None:
+    url = "postgresql://u@db/crm"
+    ContactSource.from_sql(url, "select $tag$; drop table x; $tag$ as a, E'\\'; delete' as b")
+    with pytest.raises(InputError, match="more than one statement"):
+        ContactSource.from_sql(url, "select $a$ x $a$; drop table x")
+    with pytest.raises(InputError, match="unterminated"):
+        ContactSource.from_sql(url, "select $a$; drop table x;")

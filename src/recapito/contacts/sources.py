@@ -17,6 +17,11 @@ CSV files are read the way CRMs and spreadsheets write them:
   Extra fields at the end of a record are tolerated when they are all empty (a trailing
   delimiter); blank records are skipped.
 
+A SQL source runs one reading statement (first keyword SELECT, WITH, VALUES or TABLE;
+anything else, or several statements, is refused before connecting) on a read-only
+connection: SQLite files are opened with ``mode=ro``, PostgreSQL sessions start with
+``default_transaction_read_only`` on, and the transaction is always rolled back.
+
 Every frame column is a string column (empty fields are null) except for Parquet and SQL
 sources, which keep their native types. A ``_line`` column (Int64) says where each row
 came from: the physical line for CSV, the row number (1-based) for Parquet and SQL.
@@ -39,16 +44,20 @@ import gc
 import io
 import itertools
 import re
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
 from recapito.errors import InputError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 SourceKind = Literal["csv", "parquet", "sql"]
 LINE_COLUMN = "_line"
@@ -122,6 +131,10 @@ class ContactSource:
             raise InputError("contact source: a sql source needs both a URL and a query")
         if self.kind not in ("csv", "parquet", "sql"):
             raise InputError(f"contact source: unknown kind {self.kind!r} (csv, parquet, sql)")
+        if self.kind == "sql":
+            assert self.url is not None and self.query is not None
+            check_database_url(self.url)
+            check_read_query(self.query, self.url)
         if self.path is not None and not isinstance(self.path, Path):
             object.__setattr__(self, "path", Path(self.path))
         if self.delimiter is not None:
@@ -154,6 +167,8 @@ class ContactSource:
 
     @classmethod
     def from_sql(cls, url: str, query: str) -> ContactSource:
+        """A SQL source. ``InputError`` when ``url`` is not a usable database URL or
+        ``query`` is not one reading statement."""
         return cls(kind="sql", url=url, query=query)
 
     @classmethod
@@ -260,35 +275,201 @@ def read_parquet(path: str | Path) -> Loaded:
 
 # --- SQL ---------------------------------------------------------------------------
 
+# The first keyword of a query that only reads.
+READ_KEYWORDS = frozenset({"select", "with", "values", "table"})
+# Keywords that make a statement starting with a read keyword write anyway: a
+# data-modifying CTE (``with d as (delete … returning *) select …``), ``select … into``.
+WRITE_KEYWORDS = frozenset({"insert", "update", "delete", "merge", "upsert", "into"})
+_URL_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
 
 def _mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
-def read_sql(url: str, query: str) -> Loaded:
-    """Run ``query`` over a SQLAlchemy connection URL; columns keep their SQL types."""
-    from sqlalchemy import create_engine, text
+def url_scheme(spec: str) -> str | None:
+    """The scheme of ``spec`` when it is a URL (``scheme://…``), lowercased; else None."""
+    m = _URL_SCHEME_RE.match(spec)
+    return m.group(1).lower() if m else None
+
+
+def check_database_url(url: str) -> URL:
+    """``url`` parsed as a SQLAlchemy database URL, or a one-line ``InputError``."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     name = f"contact source {_mask_url(url)}"
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise InputError(f"{name}: not a valid connection URL") from None
-    # SQLite silently creates a missing database file; a typo must not look like an
-    # empty contact list.
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        db = Path(str(parsed.database))
-        if not parsed.database.startswith("file:") and not db.is_file():
-            raise InputError(f"{name}: no such database file {db}")
+        raise InputError(f"{name}: not a valid database connection URL") from None
     try:
-        engine = create_engine(url)
+        parsed.get_dialect()
+    except NoSuchModuleError:
+        raise InputError(
+            f"{name}: not a database URL (unknown database kind {parsed.drivername!r}; "
+            "use e.g. postgresql://… or sqlite:///…)"
+        ) from None
+    except ImportError as exc:
+        raise InputError(f"{name}: cannot use this URL ({exc})") from None
+    return parsed
+
+
+def _query_excerpt(query: str, limit: int = 60) -> str:
+    flat = " ".join(query.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 1] + "…")
+
+
+def _sql_skeleton(query: str, backend: str) -> str | None:
+    """``query`` without comments and with the contents of strings and quoted names
+    blanked out, so that keywords and ``;`` can be looked for; None when a string,
+    quoted name or comment never ends."""
+    pg = backend == "postgresql"
+    mysql = backend in ("mysql", "mariadb")
+    out: list[str] = []
+    i, n = 0, len(query)
+    while i < n:
+        ch = query[i]
+        nxt = query[i + 1] if i + 1 < n else ""
+        if (ch == "-" and nxt == "-") or (mysql and ch == "#"):
+            end = query.find("\n", i)
+            i = n if end < 0 else end
+            out.append(" ")
+            continue
+        if ch == "/" and nxt == "*":
+            depth, j = 1, i + 2
+            while j < n and depth:
+                if query.startswith("*/", j):
+                    depth, j = depth - 1, j + 2
+                elif pg and query.startswith("/*", j):
+                    depth, j = depth + 1, j + 2
+                else:
+                    j += 1
+            if depth:
+                return None
+            out.append(" ")
+            i = j
+            continue
+        if pg and ch == "$":
+            m = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", query[i:])
+            if m and not (i and (query[i - 1].isalnum() or query[i - 1] == "_")):
+                end = query.find(m.group(), i + m.end())
+                if end < 0:
+                    return None
+                out.append(" '' ")
+                i = end + m.end()
+                continue
+        closer = {"'": "'", '"': '"', "`": "`", "[": "]"}.get(ch)
+        if closer is not None and (ch != "[" or backend in ("sqlite", "mssql")):
+            escapes = mysql or (
+                ch == "'" and pg and i > 0 and query[i - 1] in "eE" and not _word_before(query, i)
+            )
+            j = i + 1
+            while j < n:
+                if escapes and query[j] == "\\":
+                    j += 2
+                    continue
+                if query[j] == closer:
+                    if closer != "]" and query.startswith(closer * 2, j):
+                        j += 2
+                        continue
+                    break
+                j += 1
+            if j >= n:
+                return None
+            out.append(" '' " if ch == "'" else ' "q" ')
+            i = j + 1
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _word_before(query: str, i: int) -> bool:
+    """True when the ``e``/``E`` just before position ``i`` ends a longer word."""
+    return i > 1 and (query[i - 2].isalnum() or query[i - 2] == "_")
+
+
+def check_read_query(query: str, url: str = "") -> None:
+    """Refuse a query that is not one reading statement, with a one-line ``InputError``.
+
+    After comments and one trailing ``;`` are taken off, the query must be a single
+    statement whose first keyword is SELECT, WITH, VALUES or TABLE, and it may not hold
+    INSERT, UPDATE, DELETE, MERGE or INTO (a data-modifying CTE, ``select … into``).
+    This is the first line of defence; ``read_sql`` also runs the query on a read-only
+    connection.
+    """
+    name = f"contact source {_mask_url(url)}" if url else "contact source"
+    backend = ""
+    if url:
+        scheme = (url_scheme(url) or "").split("+", 1)[0]
+        backend = "postgresql" if scheme in ("postgresql", "postgres") else scheme
+    shown = _query_excerpt(query)
+    skeleton = _sql_skeleton(query, backend)
+    if skeleton is None:
+        raise InputError(f"{name}: query {shown} has an unterminated string, name or comment")
+    body = skeleton.strip()
+    if body.endswith(";"):
+        body = body[:-1].rstrip()
+    if not body:
+        raise InputError(f"{name}: the query is empty")
+    if ";" in body:
+        raise InputError(
+            f"{name}: query {shown} holds more than one statement; give a single SELECT"
+        )
+    first = re.match(r"[\s(]*([A-Za-z_]+)", body)
+    keyword = first.group(1).lower() if first else ""
+    if keyword not in READ_KEYWORDS:
+        found = f"starts with {keyword.upper()}" if keyword else "does not start with a keyword"
+        raise InputError(
+            f"{name}: query {shown} is not a read-only query ({found}); "
+            "it must start with SELECT, WITH, VALUES or TABLE"
+        )
+    writes = [
+        w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", body) if w.lower() in WRITE_KEYWORDS
+    ]
+    if writes:
+        raise InputError(
+            f"{name}: query {shown} would write to the database ({writes[0].upper()}); "
+            "only reading queries are allowed"
+        )
+
+
+def read_sql(url: str, query: str) -> Loaded:
+    """Run ``query`` over a SQLAlchemy connection URL; columns keep their SQL types.
+
+    Only a single reading statement is accepted (``check_read_query``), and it runs on a
+    read-only connection: SQLite opens the file with ``mode=ro``, PostgreSQL sessions
+    have ``default_transaction_read_only`` on and the transaction is declared READ ONLY,
+    and on every database the transaction is rolled back at the end.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    name = f"contact source {_mask_url(url)}"
+    parsed = check_database_url(url)
+    check_read_query(query, url)
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    target = parsed
+    if backend == "sqlite":
+        target = _sqlite_read_only(parsed, name)
+    elif backend == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        options = parsed.query.get("options")
+        given = " ".join(options) if isinstance(options, tuple) else (options or "")
+        connect_args["options"] = f"{given} -c default_transaction_read_only=on".strip()
+    try:
+        engine = create_engine(target, connect_args=connect_args)
     except (SQLAlchemyError, ImportError) as exc:
         raise InputError(f"{name}: cannot use this URL ({_first_line(exc)})") from None
     try:
         with engine.connect() as conn:
-            frame = pl.read_database(text(query), connection=conn, infer_schema_length=None)
+            try:
+                if backend == "postgresql":
+                    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                frame = pl.read_database(text(query), connection=conn, infer_schema_length=None)
+            finally:
+                conn.rollback()
     except Exception as exc:  # driver and polars errors alike end up as bad input
         raise InputError(f"{name}: query failed ({_first_line(exc)})") from None
     finally:
@@ -297,6 +478,30 @@ def read_sql(url: str, query: str) -> Loaded:
     frame = frame.drop(LINE_COLUMN, strict=False).with_row_index(LINE_COLUMN, offset=1)
     frame = frame.with_columns(pl.col(LINE_COLUMN).cast(pl.Int64))
     return Loaded(frame=frame, source=ContactSource(kind="sql", url=url, query=query))
+
+
+def _sqlite_read_only(parsed: URL, name: str) -> URL:
+    """The SQLite URL opening its file read-only (``file:PATH?mode=ro`` URI).
+
+    An in-memory database is left alone: nothing done to it outlives the connection.
+    SQLite silently creates a missing database file; a typo must not look like an empty
+    contact list, so a missing file is an error.
+    """
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        return parsed
+    query = dict(parsed.query)
+    if database.startswith("file:"):
+        if query.get("mode") == "memory":
+            return parsed
+        uri = database
+    else:
+        db = Path(database)
+        if not db.is_file():
+            raise InputError(f"{name}: no such database file {db}")
+        uri = "file:" + urllib.parse.quote(str(db.absolute()))
+    query.update(mode="ro", uri="true")
+    return parsed.set(drivername="sqlite+pysqlite", database=uri, query=query)
 
 
 def _first_line(exc: BaseException) -> str:
