@@ -146,15 +146,38 @@ def test_record_outcomes_and_events(ledger: Ledger) -> None:
     assert table["d0.test"]["total"] == 5 and table["d0.test"]["accepted"] == 1
 
 
-def test_stale_claims_become_uncertain_and_are_not_reclaimed(ledger: Ledger) -> None:
+def test_stale_claims_never_sent_go_back_to_planned(ledger: Ledger) -> None:
+    cid = _plan(ledger)
+    ledger.claim_chunk(cid, 0, worker="w1", lease=timedelta(seconds=-1))
+    assert ledger.expire_stale_claims(cid) == {"released": 5, "uncertain": 0}
+    assert ledger.state_counts(cid) == {"planned": 10}
+    again = ledger.claim_chunk(cid, 0, worker="w2")
+    assert len(again) == 5 and all(c.attempt == 2 for c in again)
+    assert [e["kind"] for e in ledger.events_of(cid)] == ["released"] * 5
+
+
+def test_stale_sending_rows_become_uncertain_and_are_not_reclaimed(ledger: Ledger) -> None:
     cid = _plan(ledger)
     claims = ledger.claim_chunk(cid, 0, worker="w1", lease=timedelta(seconds=-1))
-    assert ledger.expire_stale_claims(cid) == 5
-    assert ledger.state_counts(cid) == {"uncertain": 5, "planned": 5}
-    assert ledger.claim_chunk(cid, 0, worker="w2") == []
+    for claim in claims[:2]:
+        assert ledger.mark_sending(claim)
+    assert not ledger.mark_sending(claims[0])  # only once
+    assert ledger.expire_stale_claims(cid) == {"released": 3, "uncertain": 2}
+    assert ledger.state_counts(cid) == {"uncertain": 2, "planned": 8}
+    again = ledger.claim_chunk(cid, 0, worker="w2")
+    assert {c.delivery_id for c in again} == {c.delivery_id for c in claims[2:]}
     # the dead worker's late reply is kept as evidence but does not move the row
     assert not ledger.record(claims[0], Outcome(State.ACCEPTED, reply_code=250))
-    assert ledger.state_counts(cid)["uncertain"] == 5
+    assert ledger.state_counts(cid)["uncertain"] == 2
+
+
+def test_outcome_after_sending_mark(ledger: Ledger) -> None:
+    cid = _plan(ledger)
+    claim = ledger.claim_chunk(cid, 0, worker="w1")[0]
+    assert ledger.mark_sending(claim)
+    assert ledger.state_counts(cid)["sending"] == 1
+    assert ledger.record(claim, Outcome(State.ACCEPTED, reply_code=250))
+    assert ledger.state_counts(cid)["accepted"] == 1
 
 
 def test_suppressions_are_case_insensitive(ledger: Ledger) -> None:

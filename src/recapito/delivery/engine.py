@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -458,7 +459,12 @@ class DeliveryRun:
                 )
                 continue
             try:
-                reply = await session.send(self.options.sender, claim.address, rendered.data)
+                reply = await session.send(
+                    self.options.sender,
+                    claim.address,
+                    rendered.data,
+                    before_data=partial(self.ledger.mark_sending, claim),
+                )
             except SessionLost as exc:
                 if exc.after_data:
                     self._record(

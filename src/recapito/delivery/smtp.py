@@ -9,6 +9,7 @@ values or ``SessionLost``, which say whether the message may have reached the se
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,8 +131,18 @@ class MXSession:
             raise ConnectFailed(f"{self.mx_host}: {type(exc).__name__}: {exc}") from exc
         self._smtp = smtp
 
-    async def send(self, sender: str, recipient: str, data: bytes) -> SMTPReply:
-        """One transaction. A refusal is a reply; a broken connection raises SessionLost."""
+    async def send(
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        before_data: Callable[[], object] | None = None,
+    ) -> SMTPReply:
+        """One transaction. A refusal is a reply; a broken connection raises SessionLost.
+
+        ``before_data`` runs once the recipient is accepted, just before DATA: from then on
+        the server may end up with the message whatever happens to the connection.
+        """
         smtp = self._smtp
         if smtp is None:
             raise SessionLost("session is not open", after_data=False)
@@ -140,6 +151,8 @@ class MXSession:
             await smtp.mail(sender)
             stage = "rcpt"
             await smtp.rcpt(recipient)
+            if before_data is not None:
+                before_data()
             stage = "data"
             response = await smtp.data(data)
         except aiosmtplib.SMTPServerDisconnected as exc:

@@ -1,10 +1,11 @@
 """Delivery states and the transitions the ledger allows (DESIGN §3).
 
-``planned → claimed → accepted | deferred | failed | insecure_channel``;
-``deferred → claimed`` again when due; a ``claimed`` row whose lease ran out is
-``uncertain``: the message may or may not have been accepted, so it is never resent
-without an operator's decision. Post-send states (bounced, delivered, opened...) come
-from collectors and are recorded by later issues.
+``planned → claimed → sending → accepted | deferred | failed | insecure_channel``;
+``deferred → claimed`` again when due. ``sending`` is committed just before the message
+body goes out: a ``sending`` row whose lease ran out is ``uncertain`` (the server may have
+accepted it), never resent without an operator's decision; a ``claimed`` row whose lease
+ran out never got that far and simply goes back to ``planned``. Post-send states
+(bounced, delivered, opened...) come from collectors and are recorded by later issues.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from enum import StrEnum
 class State(StrEnum):
     PLANNED = "planned"
     CLAIMED = "claimed"
+    SENDING = "sending"
     ACCEPTED = "accepted"
     DEFERRED = "deferred"
     FAILED = "failed"
@@ -33,7 +35,8 @@ SEND_OUTCOMES = frozenset(
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PLANNED: frozenset({State.CLAIMED, State.SUPPRESSED}),
-    State.CLAIMED: SEND_OUTCOMES | {State.UNCERTAIN, State.PLANNED},
+    State.CLAIMED: SEND_OUTCOMES | {State.SENDING, State.PLANNED},
+    State.SENDING: SEND_OUTCOMES | {State.UNCERTAIN},
     State.DEFERRED: frozenset({State.CLAIMED, State.EXPIRED, State.SUPPRESSED}),
     State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED}),
     State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}),

@@ -178,7 +178,7 @@ _RECORD_OUTCOME = (
     .where(
         sa.and_(
             deliveries.c.id == sa.bindparam("b_id"),
-            deliveries.c.state == State.CLAIMED.value,
+            deliveries.c.state.in_([State.CLAIMED.value, State.SENDING.value]),
             deliveries.c.claim_token == sa.bindparam("b_token"),
         )
     )
@@ -207,6 +207,17 @@ _RECORD_OUTCOME = (
     )
 )
 _INSERT_EVENT = events.insert()
+_MARK_SENDING = (
+    deliveries.update()
+    .where(
+        sa.and_(
+            deliveries.c.id == sa.bindparam("b_id"),
+            deliveries.c.state == State.CLAIMED.value,
+            deliveries.c.claim_token == sa.bindparam("b_token"),
+        )
+    )
+    .values(state=State.SENDING.value, updated_at=sa.bindparam("b_now"))
+)
 
 
 class Ledger:
@@ -373,39 +384,81 @@ class Ledger:
 
     # ---- claims and outcomes -------------------------------------------------------------
 
-    def expire_stale_claims(self, campaign_id: int | None = None) -> int:
-        """Claims whose lease ran out become ``uncertain``: never resent without a decision."""
+    def expire_stale_claims(self, campaign_id: int | None = None) -> dict[str, int]:
+        """Deal with claims whose lease ran out (their worker died).
+
+        A row still ``claimed`` never reached the point where its body was sent: it goes
+        back to ``planned``. A row ``sending`` may have been accepted by the server without
+        the reply reaching us: it becomes ``uncertain``, never resent without a decision.
+        """
         now = utcnow()
-        cond = sa.and_(deliveries.c.state == State.CLAIMED.value, deliveries.c.lease_until < now)
+        expired = sa.and_(
+            deliveries.c.state.in_([State.CLAIMED.value, State.SENDING.value]),
+            deliveries.c.lease_until < now,
+        )
         if campaign_id is not None:
-            cond = sa.and_(cond, deliveries.c.campaign_id == campaign_id)
+            expired = sa.and_(expired, deliveries.c.campaign_id == campaign_id)
+        counts = {"released": 0, "uncertain": 0}
         with self._tx() as conn:
             rows = conn.execute(
-                sa.select(deliveries.c.id, deliveries.c.campaign_id).where(cond)
+                sa.select(deliveries.c.id, deliveries.c.campaign_id, deliveries.c.state).where(
+                    expired
+                )
             ).all()
             if not rows:
-                return 0
-            ids = [r[0] for r in rows]
-            conn.execute(
-                deliveries.update()
-                .where(sa.and_(deliveries.c.id.in_(ids), deliveries.c.state == State.CLAIMED.value))
-                .values(state=State.UNCERTAIN.value, reason="lease_expired", updated_at=now)
+                return counts
+            for state, new_state, kind, why in (
+                (State.CLAIMED, State.PLANNED, "released", "lease expired before sending"),
+                (
+                    State.SENDING,
+                    State.UNCERTAIN,
+                    "uncertain",
+                    "lease expired while the message was being sent",
+                ),
+            ):
+                ids = [r[0] for r in rows if r[2] == state.value]
+                if not ids:
+                    continue
+                values: dict[str, Any] = {"state": new_state.value, "updated_at": now}
+                if new_state == State.PLANNED:
+                    values.update(worker=None, claim_token=None, lease_until=None)
+                else:
+                    values["reason"] = "lease_expired"
+                for start in range(0, len(ids), 900):
+                    part = ids[start : start + 900]
+                    conn.execute(
+                        deliveries.update()
+                        .where(
+                            sa.and_(deliveries.c.id.in_(part), deliveries.c.state == state.value)
+                        )
+                        .values(**values)
+                    )
+                conn.execute(
+                    events.insert(),
+                    [
+                        {
+                            "campaign_id": r[1],
+                            "delivery_id": r[0],
+                            "kind": kind,
+                            "at": now,
+                            "source": "ledger",
+                            "data_json": json.dumps({"why": why}),
+                        }
+                        for r in rows
+                        if r[2] == state.value
+                    ],
+                )
+                counts[kind] = len(ids)
+        return counts
+
+    def mark_sending(self, claim: Claim) -> bool:
+        """Commit that the body of this claimed delivery is about to go out."""
+        with self._tx() as conn:
+            result = conn.execute(
+                _MARK_SENDING,
+                {"b_id": claim.delivery_id, "b_token": claim.token, "b_now": utcnow()},
             )
-            conn.execute(
-                events.insert(),
-                [
-                    {
-                        "campaign_id": r[1],
-                        "delivery_id": r[0],
-                        "kind": "uncertain",
-                        "at": now,
-                        "source": "ledger",
-                        "data_json": json.dumps({"why": "claim lease expired without an outcome"}),
-                    }
-                    for r in rows
-                ],
-            )
-        return len(ids)
+        return result.rowcount == 1
 
     def claim_chunk(
         self, campaign_id: int, chunk: int, *, worker: str, lease: timedelta = timedelta(minutes=30)
