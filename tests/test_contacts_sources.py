@@ -487,3 +487,44 @@ def test_postgres_dollar_quotes_and_escape_strings_are_understood() -> None:
         ContactSource.from_sql(url, "select $a$ x $a$; drop table x")
     with pytest.raises(InputError, match="unterminated"):
         ContactSource.from_sql(url, "select $a$; drop table x;")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://crm.example.com/export/contatti.csv", "https://crm.example.com/export"),
+        ("http://example.com/c.csv?token=1", "http://example.com/c.csv"),
+        ("ftp://mario:segreto@files.example.com/c.csv", "ftp://mario:***@files.example.com"),
+        ("HTTPS://EXAMPLE.COM/C.CSV", "HTTPS://EXAMPLE.COM/C.CSV"),
+        ("s3://bucket/contatti.parquet", "s3://bucket/contatti.parquet"),
+    ],
+)
+def test_file_urls_are_not_database_urls(url: str, shown: str) -> None:
+    scheme = url.split(":", 1)[0].lower()
+    expected = (
+        f"{scheme}:// URLs are not supported as contact files; "
+        "download the file first and give its local path"
+    )
+    for make in (
+        lambda: ContactSource.parse(url),  # no query: not "a database URL needs a query"
+        lambda: ContactSource.parse(url, query="select 1"),
+        lambda: ContactSource.from_sql(url, "select 1"),
+        lambda: sources.read_sql(url, "select 1"),
+    ):
+        with pytest.raises(InputError) as caught:
+            make()
+        message = str(caught.value)
+        assert message.startswith(f"contact source {shown}") and message.endswith(expected)
+        assert "database URL" not in message and "segreto" not in message
+        assert "\n" not in message
+
+
+def test_unknown_database_kind_is_one_clear_line() -> None:
+    with pytest.raises(InputError) as caught:
+        ContactSource.parse("postgres://u@db/crm", query="select 1")
+    assert str(caught.value) == (
+        "contact source postgres://u@db/crm: not a database URL (unknown database kind "
+        "'postgres'; use e.g. postgresql://… or sqlite:///…)"
+    )
+    with pytest.raises(InputError, match=r"a database URL needs a query \(--query\)$"):
+        ContactSource.parse("postgresql://u@db/crm")

@@ -20,7 +20,8 @@ CSV files are read the way CRMs and spreadsheets write them:
 A SQL source runs one reading statement (first keyword SELECT, WITH, VALUES or TABLE;
 anything else, or several statements, is refused before connecting) on a read-only
 connection: SQLite files are opened with ``mode=ro``, PostgreSQL sessions start with
-``default_transaction_read_only`` on, and the transaction is always rolled back.
+``default_transaction_read_only`` on, and the transaction is always rolled back. A URL
+that names a file elsewhere (http, https, ftp…) is not a database URL and is refused.
 
 Every frame column is a string column (empty fields are null) except for Parquet and SQL
 sources, which keep their native types. A ``_line`` column (Int64) says where each row
@@ -167,8 +168,8 @@ class ContactSource:
 
     @classmethod
     def from_sql(cls, url: str, query: str) -> ContactSource:
-        """A SQL source. ``InputError`` when ``url`` is not a usable database URL or
-        ``query`` is not one reading statement."""
+        """A SQL source. ``InputError`` when ``url`` is not a database URL (an http(s)/ftp
+        URL of a file is refused with advice) or ``query`` is not one reading statement."""
         return cls(kind="sql", url=url, query=query)
 
     @classmethod
@@ -181,10 +182,17 @@ class ContactSource:
         delimiter: str | None = None,
     ) -> ContactSource:
         """A source from a command-line style string: a connection URL
-        (``postgresql://…``, ``sqlite:///…``; needs ``query``) or a file path."""
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", spec):
+        (``postgresql://…``, ``sqlite:///…``; needs ``query``) or a file path.
+
+        This is the entry point for user input naming contacts: a URL that is not a
+        database URL (http, https, ftp…) is refused as such, before any query is asked for.
+        """
+        if url_scheme(spec) is not None:
+            check_database_url(spec)
             if not query:
-                raise InputError(f"contact source {_mask_url(spec)}: a SQL source needs a query")
+                raise InputError(
+                    f"contact source {_mask_url(spec)}: a database URL needs a query (--query)"
+                )
             return cls.from_sql(spec, query)
         return cls.from_path(spec, encoding=encoding, delimiter=delimiter)
 
@@ -275,6 +283,34 @@ def read_parquet(path: str | Path) -> Loaded:
 
 # --- SQL ---------------------------------------------------------------------------
 
+# Schemes that name a file somewhere, not a database: a URL given as the contact source
+# with one of these is refused with advice instead of being taken for a database URL.
+NON_DATABASE_SCHEMES = frozenset(
+    {
+        "http",
+        "https",
+        "ftp",
+        "ftps",
+        "sftp",
+        "scp",
+        "ssh",
+        "file",
+        "s3",
+        "s3a",
+        "gs",
+        "gcs",
+        "az",
+        "abfs",
+        "abfss",
+        "adl",
+        "hdfs",
+        "webdav",
+        "webdavs",
+        "dav",
+        "davs",
+        "smb",
+    }
+)
 # The first keyword of a query that only reads.
 READ_KEYWORDS = frozenset({"select", "with", "values", "table"})
 # Keywords that make a statement starting with a read keyword write anyway: a
@@ -294,11 +330,21 @@ def url_scheme(spec: str) -> str | None:
 
 
 def check_database_url(url: str) -> URL:
-    """``url`` parsed as a SQLAlchemy database URL, or a one-line ``InputError``."""
+    """``url`` parsed as a SQLAlchemy database URL, or a one-line ``InputError``.
+
+    A URL of a file elsewhere (http, https, ftp, s3…) is refused with advice: contact
+    files are read from a local path only.
+    """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     name = f"contact source {_mask_url(url)}"
+    scheme = (url_scheme(url) or "").split("+", 1)[0]
+    if scheme in NON_DATABASE_SCHEMES:
+        raise InputError(
+            f"{name}: {scheme}:// URLs are not supported as contact files; "
+            "download the file first and give its local path"
+        )
     try:
         parsed = make_url(url)
     except ArgumentError:
