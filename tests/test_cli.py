@@ -156,3 +156,69 @@ def test_report_json(tmp_path: Path) -> None:
 
     data = json.loads(result.stdout)
     assert data["funnel"]["targeted"] == 1 and data["funnel"]["pending"] == 1
+
+
+def test_unreachable_services_and_state_dir_are_one_line(tmp_path: Path) -> None:
+    contacts = tmp_path / "c.csv"
+    contacts.write_text("email;nome\nanna@postaveloce.test;Anna\n", encoding="utf-8")
+    args = [
+        "campaign",
+        "run",
+        "--name",
+        "x",
+        "--contacts",
+        str(contacts),
+        "--template",
+        str(DEMO_TEMPLATE),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECAPITO_"))}
+    env.update(
+        RECAPITO_HOME=str(tmp_path / "var"),
+        HOME=str(tmp_path),
+        PREFECT_API_URL="http://127.0.0.1:9/api",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "recapito.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    _one_line_error(result, "PREFECT_API_URL")
+    env.pop("PREFECT_API_URL")
+    env["RECAPITO_DB_URL"] = "postgresql://nobody@127.0.0.1:9/x"
+    result = subprocess.run(
+        [sys.executable, "-m", "recapito.cli", "campaign", "report", "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _one_line_error(result, "ledger database unreachable")
+    env.pop("RECAPITO_DB_URL")
+    env["RECAPITO_HOME"] = "/proc/recapito-cannot-be-here"
+    result = subprocess.run(
+        [sys.executable, "-m", "recapito.cli", "campaign", "report", "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    _one_line_error(result, "/proc/recapito-cannot-be-here")
+
+
+def test_option_names_in_validation_errors(tmp_path: Path) -> None:
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "x",
+        "--contacts",
+        "x.csv",
+        "--template",
+        str(DEMO_TEMPLATE),
+        "--retry-after",
+        "-1",
+    )
+    _one_line_error(result, "--retry-after: Input should be greater than or equal to 0")

@@ -68,3 +68,47 @@ def test_demo_path_delivers_every_accepted_message_exactly_once(tmp_path: Path) 
     assert len(set(message_ids)) == len(message_ids)
     # nothing is left running
     assert not (home / "sandbox" / "state.json").exists()
+
+
+def test_sigterm_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECAPITO_"))}
+    env["RECAPITO_HOME"] = str(tmp_path / "var")
+    env["HOME"] = str(tmp_path)
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "recapito.cli",
+        "demo",
+        "--contacts",
+        "200",
+        "--name",
+        "term",
+        "--mx-port",
+        "0",
+        "--dns-port",
+        "0",
+        "--prefect-port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if "Servers stay up" in line or time.monotonic() > deadline:
+            break
+    assert any("Servers stay up" in line for line in lines), "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert "stopping the Prefect server" in output and "stopping the sandbox" in output
+    assert not (tmp_path / "var" / "sandbox" / "state.json").exists()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the Prefect server is gone

@@ -1,7 +1,8 @@
 """The ``recapito`` command line.
 
-Errors the user can fix (bad input, bad settings, unknown campaign) print one line and
-exit with status 2; they never show a traceback.
+Errors the user can fix (bad input, bad settings, unknown campaign, a database or a
+Prefect server that cannot be reached, a state directory that cannot be written) print
+one line and exit with status 1; they never show a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,34 @@ from recapito.errors import RecapitoError
 from recapito.sandbox.cli import sandbox
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        import sqlalchemy.exc
+
         try:
             return super().invoke(ctx)
         except RecapitoError as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlalchemy.exc.OperationalError as exc:
+            raise click.ClickException(
+                f"ledger database unreachable ({_first_line(exc.orig or exc)}): "
+                "check RECAPITO_DB_URL"
+            ) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or _first_line(exc)}") from None
+        except RuntimeError as exc:
+            if "Failed to reach API" in str(exc):
+                raise click.ClickException(
+                    f"{_first_line(exc)}: check PREFECT_API_URL, or unset it to use a "
+                    "temporary local Prefect server"
+                ) from None
+            raise
 
 
 @click.group(cls=_Group)
@@ -37,6 +61,24 @@ def main() -> None:
 @main.group(cls=_Group)
 def campaign() -> None:
     """Run campaigns and read their figures."""
+
+
+# CampaignParams fields whose command-line option has another name
+_OPTION_OF_FIELD = {
+    "retry_after_seconds": "retry-after",
+    "retry_within_run_seconds": "retry-within-run",
+    "filter": "filter",
+}
+
+
+def _sigterm_like_ctrl_c() -> None:
+    """SIGTERM (timeout, systemd, docker stop) unwinds like Ctrl-C, so the servers this
+    process started (sandbox, Prefect) are stopped by the same clean-up code."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def prefect_environment(home: Path) -> None:
@@ -123,8 +165,10 @@ def campaign_run(
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise click.ClickException(f"--{where.replace('_', '-')}: {first['msg']}") from None
+        field = ".".join(str(p) for p in first["loc"])
+        option = _OPTION_OF_FIELD.get(field, field.replace("_", "-"))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise click.ClickException(f"--{option}: {message}") from None
     report = run_campaign(params, Settings.load().home)
     _print_report(report, as_json)
 
@@ -152,6 +196,7 @@ def run_campaign(params: Any, home: Path) -> dict[str, Any]:
     """Run the campaign flow in this process and return its report."""
     from recapito.campaign import preflight
 
+    _sigterm_like_ctrl_c()
     preflight(params)
     prefect_environment(home)
     from flows.campaign import campaign_flow
@@ -291,6 +336,7 @@ def demo_cmd(
     """Sandbox + Prefect server + demo contacts + a real campaign, end to end."""
     from recapito.demo import run_demo
 
+    _sigterm_like_ctrl_c()
     sys.exit(
         run_demo(
             n_contacts=n_contacts,
