@@ -89,6 +89,55 @@ def test_invalid_bytes_never_crash(tmp_path: Path) -> None:
     assert loaded.frame["nome"][2] == "Anna"
 
 
+@pytest.mark.parametrize(
+    ("eol", "quoted_break"),
+    [("\r\n", False), ("\n", False), ("\r", False), ("\n", True)],
+)
+def test_wrong_explicit_encoding_fails_on_the_first_bad_line(
+    tmp_path: Path, eol: str, quoted_break: bool
+) -> None:
+    first = 'C1;"Via Roma 1\nScala B"' if quoted_break else "C1;Via Roma 1"
+    rows = ["id;indirizzo", first, "C2;Via Dante 3", "C3;Forlì", "C4;Cantù"]
+    path = _write(tmp_path / "legacy.csv", eol.join(rows).encode("cp1252"))
+    bad_line = 5 if quoted_break else 4  # physical line: a quoted line break counts
+    with pytest.raises(InputError) as caught:
+        _load(path, encoding="utf-8")
+    assert str(caught.value) == (
+        f"contacts file {path}: line {bad_line} is not valid utf-8 (byte 0xec); check --encoding"
+    )
+    # detected, the same file still reads as Windows-1252; given right, it reads as well
+    assert _load(path).frame["indirizzo"][-2:].to_list() == ["Forlì", "Cantù"]
+    assert _load(path, encoding="cp1252").frame["indirizzo"][-1] == "Cantù"
+    assert read_csv(path, encoding="cp1252").frame.height == 4
+
+
+def test_wrong_explicit_multibyte_encoding_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "u16.csv", "id;nome\n1;Mario\n".encode("utf-16") + b"\x00\xd8")
+    with pytest.raises(
+        InputError, match=r"u16\.csv: line 3 is not valid utf-16 \(bytes 0x00 0xd8\)"
+    ):
+        _load(path, encoding="utf-16")
+    # a UTF-8 file read as ASCII: the first non-ASCII byte, on the header line
+    path = _write(tmp_path / "utf8.csv", "id;città\n1;Forlì\n".encode())
+    with pytest.raises(InputError, match=r"line 1 is not valid ascii \(byte 0xc3\)"):
+        read_csv(path, encoding="ascii")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "problem"),
+    [("klingon", "unknown encoding 'klingon'"), ("rot13", "'rot13' is not a text encoding")],
+)
+def test_unusable_encoding_names_are_one_line(tmp_path: Path, encoding: str, problem: str) -> None:
+    path = _write(tmp_path / "c.csv", b"id;email\n1;a@x.it\n")
+    for make in (
+        lambda: ContactSource.from_path(path, encoding=encoding),
+        lambda: read_csv(path, encoding=encoding),
+    ):
+        with pytest.raises(InputError) as caught:
+            make()
+        assert str(caught.value) == f"contacts file {path}: {problem}"
+
+
 def test_comma_csv_with_quoted_commas(tmp_path: Path) -> None:
     text = 'id,email,address\n1,a@x.it,"Via Roma 1, int. 3"\n2,b@x.it,Via Po 2\n'
     loaded = _load(_write(tmp_path / "comma.csv", text.encode()))

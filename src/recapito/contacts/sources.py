@@ -10,7 +10,10 @@ CSV files are read the way CRMs and spreadsheets write them:
 * UTF-8 with or without BOM, UTF-16 with BOM, or a legacy single-byte encoding.
   Bytes that are not valid UTF-8 are decoded as Windows-1252 when that fits (the usual
   case for Italian exports; Latin-1 otherwise) or as charset-normalizer suggests for
-  other scripts. Undecodable bytes become U+FFFD: a file never fails on its encoding;
+  other scripts. Undecodable bytes become U+FFFD: a file never fails on a detected
+  encoding. An encoding given by the caller is strict instead: the first byte it cannot
+  decode is an ``InputError`` naming the line (the encoding is then wrong, and reading
+  on would garble the text);
 * fields quoted with ``"`` may hold the delimiter, ``""`` and line breaks;
 * a record whose field count differs from the header's is rejected with the physical
   line where it starts (1-based, the header being line 1) and the rest still load.
@@ -141,10 +144,8 @@ class ContactSource:
         if self.delimiter is not None:
             object.__setattr__(self, "delimiter", _delimiter(self.delimiter))
         if self.encoding is not None:
-            try:
-                codecs.lookup(self.encoding)
-            except LookupError:
-                raise InputError(f"contact source: unknown encoding {self.encoding!r}") from None
+            where = f"contacts file {self.path}" if self.path is not None else "contact source"
+            _check_encoding(self.encoding, where)
 
     @classmethod
     def from_path(
@@ -665,8 +666,15 @@ def read_csv(
             f"contacts file {p}: this is a spreadsheet workbook (xlsx/xls), not CSV; "
             "export it as CSV first"
         )
-    enc = encoding or detect_encoding(data)
-    text = data.decode(enc, errors="replace")
+    if encoding:
+        # The caller chose the encoding: a byte it cannot decode means the choice is wrong,
+        # and guessing past it would garble names and addresses silently.
+        _check_encoding(encoding, f"contacts file {p}")
+        enc = encoding
+        text = _decode_strict(data, enc, f"contacts file {p}")
+    else:
+        enc = detect_encoding(data)
+        text = data.decode(enc, errors="replace")
     if text.startswith("\ufeff"):
         text = text[1:]
     delim = _delimiter(delimiter) if delimiter else sniff_delimiter(text[:65_536])
@@ -686,6 +694,36 @@ def read_csv(
         encoding=codecs.lookup(enc).name,
         delimiter=delim,
     )
+
+
+def _check_encoding(encoding: str, name: str) -> None:
+    """One-line ``InputError`` unless ``encoding`` names a text codec."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise InputError(f"{name}: unknown encoding {encoding!r}") from None
+    try:
+        b"a".decode(encoding)  # refuses codecs that are not text encodings (rot13, hex…)
+    except LookupError:
+        raise InputError(f"{name}: {encoding!r} is not a text encoding") from None
+    except UnicodeDecodeError:
+        pass  # a text encoding; one byte just is not a whole character in it
+
+
+def _decode_strict(data: bytes, encoding: str, name: str) -> str:
+    """``data`` decoded with ``encoding``; the first undecodable byte is an ``InputError``
+    naming its physical line (CR LF, LF and lone CR end a line, as in the reader)."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode(encoding, errors="replace")
+        line = before.count("\n") + before.count("\r") - before.count("\r\n") + 1
+        bad = exc.object[exc.start : max(exc.end, exc.start + 1)][:4]
+        shown = " ".join(f"0x{b:02x}" for b in bad)
+        what = "byte" if len(bad) == 1 else "bytes"
+        raise InputError(
+            f"{name}: line {line} is not valid {encoding} ({what} {shown}); check --encoding"
+        ) from None
 
 
 def _excerpt(text: str, limit: int = 80) -> str:
