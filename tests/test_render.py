@@ -156,3 +156,18 @@ def test_every_wire_line_is_short_and_ascii(tmp_path: Path) -> None:
     )
     for line in out.data.split(b"\r\n"):
         assert len(line) <= 78 and line.isascii()
+
+
+def test_encoded_words_in_data_stay_literal(tmp_path: Path) -> None:
+    root = _template(tmp_path, "Ciao {{ nome }}", "<p>x</p>", from_name="{{ nome }}")
+    trick = "=?utf-8?q?Bcc=3A_evil=40attacker.test?="
+    msg = _render(root, {"nome": trick})
+    assert msg["Subject"] == f"Ciao {trick}"  # shown as typed, never decoded
+    assert msg["From"].addresses[0].display_name == trick
+
+
+def test_a_file_that_is_not_a_template_is_named(tmp_path: Path) -> None:
+    other = tmp_path / "contacts.csv"
+    other.write_bytes(b"\xe9\xe8;x\n")
+    with pytest.raises(TemplateError, match="not a template folder"):
+        load_template(other)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,12 @@ class PrefectServer:
         if _healthy(self.api_url):
             _say(f"reusing the Prefect server already answering at {self.api_url}")
             return
+        with socket.socket() as probe:
+            if probe.connect_ex((PREFECT_HOST, self.port)) == 0:
+                raise SystemExit(
+                    f"port {self.port} is taken by a program that is not a Prefect server: "
+                    "choose another with --prefect-port (make demo ARGS='--prefect-port 4300')"
+                )
         self.home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(
@@ -134,6 +141,7 @@ def run_demo(
             os.environ["PREFECT_API_URL"] = server.api_url
         ui_url = os.environ["PREFECT_API_URL"].removesuffix("/api")
         settings = Settings.load()
+        servers_ready = time.monotonic()
 
         from recapito.demo_data import generate, write_csv
 
@@ -142,7 +150,6 @@ def run_demo(
         contacts = demo_dir / f"contacts-{n_contacts}.csv"
         write_csv(generate(n_contacts, seed=42), contacts)
         _say(f"generated {n_contacts:,} demo contacts in {contacts}")
-        servers_ready = time.monotonic()
 
         from recapito.campaign import CampaignParams, campaign_dir
         from recapito.cli import prefect_environment

@@ -13,7 +13,10 @@ FUNNEL_STATES = ("accepted", "deferred", "failed", "insecure_channel", "uncertai
 def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
     campaign = ledger.get_campaign(name)
     if campaign is None:
-        known = ", ".join(c.name for c in ledger.list_campaigns()[-10:]) or "none yet"
+        campaigns = ledger.list_campaigns()
+        known = ", ".join(c.name for c in campaigns[-10:]) or "none yet"
+        if len(campaigns) > 10:
+            known = f"latest 10 of {len(campaigns)}: {known}"
         raise InputError(f"no campaign named {name!r} in the ledger (known: {known})")
     states = ledger.state_counts(campaign.id)
     counts = campaign.counts

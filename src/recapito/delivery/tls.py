@@ -62,6 +62,13 @@ def client_context(*, legacy: bool) -> ssl.SSLContext:
     return ctx
 
 
+# System bundles carry a few old roots with non-positive serial numbers; cryptography warns
+# about each. A module-level filter (catch_warnings is not thread-safe: chunks run in threads).
+warnings.filterwarnings(
+    "ignore", message=".*serial number.*", category=CryptographyDeprecationWarning
+)
+
+
 @lru_cache(maxsize=8)
 def trust_store(extra_ca_file: Path | None) -> verification.Store:
     """The system trust anchors plus the configured extra CA file (e.g. the sandbox CA)."""
@@ -71,10 +78,7 @@ def trust_store(extra_ca_file: Path | None) -> verification.Store:
         paths.append(str(extra_ca_file))
     for path in paths:
         if path and Path(path).is_file():
-            with warnings.catch_warnings():
-                # system bundles carry a few old roots with non-positive serial numbers
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                certs.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+            certs.extend(x509.load_pem_x509_certificates(Path(path).read_bytes()))
     return verification.Store(certs)
 
 

@@ -49,9 +49,15 @@ def _fold(name: str, words: Sequence[str]) -> str:
     return "\r\n".join(lines)
 
 
+def _literal_ascii(text: str) -> bool:
+    """Plain ASCII that no mail reader would decode: ``=?`` would start an encoded word,
+    so data containing it is encoded itself and shows literally."""
+    return text.isascii() and "=?" not in text
+
+
 def unstructured(name: str, value: str) -> str:
     """An unstructured header (Subject and the like), encoded when not plain ASCII."""
-    if value.isascii():
+    if _literal_ascii(value):
         return _fold(name, value.split(" ") if value else [""])
     return _fold(name, _encoded_words(value))
 
@@ -60,7 +66,7 @@ def mailbox(name: str, display_name: str, address: str) -> str:
     """``From: "Display" <addr>``; the display name quoted or encoded as needed."""
     if not display_name:
         return f"{name}: {address}"
-    if not display_name.isascii():
+    if not _literal_ascii(display_name):
         return _fold(name, [*_encoded_words(display_name), f"<{address}>"])
     if _ATEXT_SPECIALS.search(display_name):
         escaped = display_name.replace("\\", "\\\\").replace('"', '\\"')

@@ -155,6 +155,10 @@ _BUILTINS = frozenset({"preheader", "campaign", "range", "loop", "dict", "lipsum
 def load_template(path: str | Path) -> CompiledTemplate:
     """Read and compile a template folder (or its ``template.toml``)."""
     root = Path(path)
+    if root.exists() and not root.is_dir() and root.suffix != ".toml":
+        raise TemplateError(
+            f"template {str(path)!r}: not a template folder (give the folder holding template.toml)"
+        )
     meta_path = root / "template.toml" if root.is_dir() else root
     root = meta_path.parent
     name = root.name
