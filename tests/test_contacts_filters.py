@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from recapito.contacts.filters import FilterError, apply_filter, compile_filter, tokenize
+from recapito.contacts.sources import ContactSource, load
+from recapito.contacts.targeting import target
 from recapito.errors import InputError
 
 FRAME = pl.DataFrame(
@@ -155,3 +158,42 @@ def test_tokenize_positions() -> None:
 def test_empty_filter_keeps_everything() -> None:
     assert apply_filter(FRAME, None).height == FRAME.height
     assert apply_filter(FRAME, "   ").height == FRAME.height
+
+
+def test_unknown_column_lists_only_the_users_columns(tmp_path: Path) -> None:
+    """Internal columns (``_line``, ``dedupe_key``) are not offered as filter columns."""
+    path = tmp_path / "c.csv"
+    path.write_text(
+        "id;nome;email;provincia;city\n1;Mario;m@x.it;MI;Milano\n2;Anna;a@x.it;RM;Roma\n",
+        encoding="utf-8",
+    )
+    loaded = load(ContactSource.from_path(path))
+    with pytest.raises(FilterError) as info:
+        target(loaded, None, 'provinca = "MI"')
+    assert str(info.value) == (
+        "filter: unknown column 'provinca' at position 1 (did you mean 'provincia'?); "
+        "available: id, nome, email, provincia, city; "
+        "canonical: contact_id, email_domain, first_name, province"
+    )
+    # a source column clashing with a canonical name it does not feed is listed renamed
+    with pytest.raises(FilterError) as info:
+        target(loaded, "city=provincia", "zzz")
+    assert "available: id, nome, email, provincia, city_source; canonical: " in str(info.value)
+    # not advertised, but still usable
+    kept = target(loaded, None, "_line = 3 or dedupe_key = 'm@x.it'").audience
+    assert sorted(kept["id"].to_list()) == ["1", "2"]
+    # straight on the loaded frame: everything but _line
+    with pytest.raises(FilterError) as info:
+        apply_filter(loaded.frame, "zzz")
+    assert str(info.value).endswith("available: id, nome, email, provincia, city")
+
+
+def test_unknown_column_lists_what_it_is_told() -> None:
+    with pytest.raises(FilterError) as info:
+        compile_filter("eta2 > 3", FRAME.schema, shown=["eta"], canonical=["eta", "email"])
+    assert str(info.value) == (
+        "filter: unknown column 'eta2' at position 1 (did you mean 'eta'?); "
+        "available: eta; canonical: email"
+    )
+    with pytest.raises(FilterError, match=r"available: \(none\)$"):
+        compile_filter("x", {"_line": pl.Int64()})

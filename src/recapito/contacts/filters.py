@@ -46,6 +46,7 @@ from typing import Any
 import polars as pl
 
 from recapito.contacts.mapping import header_key
+from recapito.contacts.sources import LINE_COLUMN
 from recapito.errors import InputError
 
 TRUE_WORDS = ("true", "1", "sì", "si", "s", "yes", "y", "vero", "x", "t", "on")
@@ -153,11 +154,19 @@ def tokenize(text: str) -> list[Token]:
 
 
 class _Parser:
-    def __init__(self, text: str, schema: Mapping[str, pl.DataType]) -> None:
+    def __init__(
+        self,
+        text: str,
+        schema: Mapping[str, pl.DataType],
+        shown: Sequence[str],
+        canonical: Sequence[str] = (),
+    ) -> None:
         self.text = text
         self.tokens = tokenize(text)
         self.i = 0
         self.schema = schema
+        self.shown = list(shown)
+        self.canonical = [c for c in canonical if c not in self.shown]
         self.folded: dict[str, list[str]] = {}
         for name in schema:
             self.folded.setdefault(header_key(name), []).append(name)
@@ -228,11 +237,13 @@ class _Parser:
         candidates = self.folded.get(header_key(name), [])
         if len(candidates) == 1:
             return candidates[0], self.schema[candidates[0]]
-        close = difflib.get_close_matches(name, list(self.schema), n=1)
+        close = difflib.get_close_matches(name, self.shown + self.canonical, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        available = ", ".join(self.schema)
+        available = ", ".join(self.shown) or "(none)"
+        also = f"; canonical: {', '.join(self.canonical)}" if self.canonical else ""
         raise FilterError(
-            f"filter: unknown column {name!r} at position {tok.pos}{hint}; available: {available}",
+            f"filter: unknown column {name!r} at position {tok.pos}{hint}; "
+            f"available: {available}{also}",
             tok.pos,
         )
 
@@ -412,15 +423,25 @@ def _schema_of(columns: Mapping[str, pl.DataType] | Sequence[str]) -> dict[str, 
 
 
 def compile_filter(
-    text: str, columns: Mapping[str, pl.DataType] | Sequence[str] | pl.Schema
+    text: str,
+    columns: Mapping[str, pl.DataType] | Sequence[str] | pl.Schema,
+    *,
+    shown: Sequence[str] | None = None,
+    canonical: Sequence[str] = (),
 ) -> pl.Expr:
     """Compile filter text to a Boolean polars expression over ``columns``.
 
     ``columns`` is a schema (name → dtype, e.g. ``frame.schema``) or a list of names,
     taken as text columns. The expression is never null: rows that do not match are false.
+
+    An unknown column is a ``FilterError`` listing the columns the user can filter on:
+    ``shown`` (default: every column but the loader's ``_line``), then ``canonical``
+    ones under their own heading. Columns left out of both still work in a filter; they
+    are only not advertised.
     """
     schema = _schema_of(columns)
-    return _Parser(text, schema).parse().alias("_filter")
+    listed = [c for c in schema if c != LINE_COLUMN] if shown is None else list(shown)
+    return _Parser(text, schema, listed, canonical).parse().alias("_filter")
 
 
 def apply_filter(frame: pl.DataFrame, text: str | None) -> pl.DataFrame:

@@ -232,7 +232,17 @@ def target(
     # 2. filter: excluded, not rejected.
     if filter_text is not None and filter_text.strip():
         visible = {c: t for c, t in work.schema.items() if c not in _INTERNAL}
-        work = work.filter(compile_filter(filter_text, visible))
+        # An unknown column lists the source's columns (by the name they have here) and
+        # the canonical columns that carry data; _line and dedupe_key still work but are
+        # not advertised.
+        own = [
+            c if c not in CANONICAL_COLUMNS or sources_of.get(c) == c else f"{c}_source"
+            for c in columns
+        ]
+        derived = ("contact_id", "email", "email_domain")
+        advertised = [c for c in CANONICAL_COLUMNS if c in derived or sources_of.get(c) is not None]
+        expr = compile_filter(filter_text, visible, shown=own, canonical=advertised)
+        work = work.filter(expr)
     filtered_out = total - len(load_rejections) - work.height
 
     # 3. rejections, first applicable reason wins.
