@@ -222,3 +222,31 @@ def test_option_names_in_validation_errors(tmp_path: Path) -> None:
         "-1",
     )
     _one_line_error(result, "--retry-after: Input should be greater than or equal to 0")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--filter", 'provinca = "MI"'], "unknown column 'provinca'"),
+        (["--mapping", "email=posta"], "column 'posta' for email not found"),
+    ],
+)
+def test_mistakes_in_filter_and_mapping_stop_before_orchestration(
+    tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    contacts = tmp_path / "c.csv"
+    contacts.write_text("email;nome;provincia\nanna@postaveloce.test;Anna;MI\n", encoding="utf-8")
+    result = _run(
+        tmp_path,
+        "campaign",
+        "run",
+        "--name",
+        "x",
+        "--contacts",
+        str(contacts),
+        "--template",
+        str(DEMO_TEMPLATE),
+        *extra,
+    )
+    _one_line_error(result, expected)
+    assert "Task run" not in result.stderr and "Flow run" not in result.stderr

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -155,25 +156,53 @@ def _source(params: CampaignParams) -> ContactSource:
     )
 
 
+_SAMPLE_BYTES = 64 * 1024
+
+
+def _head_sample(source: ContactSource, directory: Path) -> ContactSource:
+    """A copy of the first lines of a CSV file (cut at a line end), to check it quickly."""
+    assert source.path is not None
+    path = Path(source.path)
+    with path.open("rb") as handle:
+        head = handle.read(_SAMPLE_BYTES)
+    if len(head) == _SAMPLE_BYTES and b"\n" in head:
+        head = head[: head.rindex(b"\n") + 1]
+    sample = directory / f"sample{path.suffix or '.csv'}"
+    sample.write_bytes(head)
+    return ContactSource.from_path(sample, encoding=source.encoding, delimiter=source.delimiter)
+
+
 def preflight(params: CampaignParams) -> None:
     """Checks cheap enough to run before any orchestration starts.
 
-    The template must compile and a contact file must exist and be readable, so the
-    commonest mistakes are reported at once, in one line.
+    The template must compile, a contact file must exist and be readable, and the mapping,
+    the filter and the template's placeholders must work on the first rows of the file, so
+    the commonest mistakes are reported at once, in one line. (``prepare`` checks all of it
+    again on the whole audience.)
     """
-    load_template(params.template)
+    template = load_template(params.template)
     source = _source(params)
-    if source.kind != "sql" and source.path is not None:
-        path = Path(source.path)
-        name = f"contacts file {path}"
-        if not path.exists():
-            raise InputError(f"{name}: no such file")
-        if path.is_dir():
-            raise InputError(f"{name}: is a directory, not a file")
-        if not os.access(path, os.R_OK):
-            raise InputError(f"{name}: permission denied")
-        if path.stat().st_size == 0:
-            raise InputError(f"{name}: the file is empty")
+    if source.kind == "sql" or source.path is None:
+        return
+    path = Path(source.path)
+    name = f"contacts file {path}"
+    if not path.exists():
+        raise InputError(f"{name}: no such file")
+    if path.is_dir():
+        raise InputError(f"{name}: is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{name}: permission denied")
+    if path.stat().st_size == 0:
+        raise InputError(f"{name}: the file is empty")
+    with tempfile.TemporaryDirectory(prefix="recapito-preflight-") as tmp:
+        sample = source if source.kind == "parquet" else _head_sample(source, Path(tmp))
+        try:
+            loaded = load(sample)
+        except InputError as exc:
+            raise InputError(str(exc).replace(str(sample.path), str(path))) from None
+        targeted = target(loaded, params.mapping, params.filter, None)
+        template.check_variables(targeted.audience.columns)
+        _sample_render(template, targeted.audience, params)
 
 
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
