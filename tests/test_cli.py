@@ -160,7 +160,10 @@ def test_report_json(tmp_path: Path) -> None:
 
 def test_unreachable_services_and_state_dir_are_one_line(tmp_path: Path) -> None:
     contacts = tmp_path / "c.csv"
-    contacts.write_text("email;nome\nanna@postaveloce.test;Anna\n", encoding="utf-8")
+    contacts.write_text(
+        "email;nome;segmento;citta;provincia\nanna@postaveloce.test;Anna;retail;Roma;RM\n",
+        encoding="utf-8",
+    )
     args = [
         "campaign",
         "run",
