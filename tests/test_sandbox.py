@@ -648,6 +648,27 @@ def test_cli_up_status_down(cli_home: dict[str, str]) -> None:
 
     status = cli(cli_home, "status", "--json")
     info = json.loads(status.stdout)
+    mx_port, dns_port = info["mx_port"], info["dns"]["port"]
+    running = f"on MX port {mx_port}, DNS port {dns_port}"
+    # `up` again says where the running sandbox is: with no ports, the defaults, or its ports
+    for args in ([], ["--mx-port", str(mx_port)], ["--mx-port", str(mx_port), "--catch-all"]):
+        reused = cli(cli_home, "up", *args)
+        assert reused.returncode == 0, reused.stderr
+        assert reused.stdout.startswith("sandbox already running") and running in reused.stdout
+    # explicitly requested ports it does not have: not applied, one line, non-zero
+    other = cli(cli_home, "up", "--mx-port", str(mx_port + 1))
+    assert other.returncode == 1 and other.stdout == ""
+    assert other.stderr == (
+        f"Error: sandbox already running (pid {summary['owner_pid']}, home {home}) {running}; "
+        f"the requested --mx-port {mx_port + 1} was not applied: run 'recapito sandbox down' "
+        "first, or leave it out to reuse the running one\n"
+    )
+    both = cli(
+        cli_home, "up", "--json", "--mx-port", str(mx_port + 1), "--dns-port", str(dns_port + 1)
+    )
+    assert both.returncode == 1 and both.stderr.count("\n") == 1
+    assert f"--mx-port {mx_port + 1} and --dns-port {dns_port + 1} were not applied" in both.stderr
+    assert json.loads(cli(cli_home, "status", "--json").stdout)["mx_port"] == mx_port
     assert info["running"] and info["dns"]["up"]
     assert [(s["host"], s["posture"], s["up"]) for s in info["servers"]] == [
         (s.host, s.posture, True) for s in world.MX_SERVERS

@@ -6,6 +6,10 @@ the DNS and MX server processes until ``down``; it returns once every server ans
 
 The home directory is ``recapito.config.home_dir()`` (``$RECAPITO_HOME``, default ``./var``).
 A port of 0 means "choose a free one".
+
+``up`` while the sandbox is already running reuses it and says on which ports; if ports
+(or ``--catch-all``) were asked for explicitly and differ from the running sandbox's, it
+exits non-zero instead, saying they were not applied.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 import recapito
 from recapito import config
@@ -30,6 +35,7 @@ from recapito.sandbox.runtime import (
     STARTUP_TIMEOUT,
     Sandbox,
     SandboxError,
+    SandboxState,
     check_ports_free,
     describe,
     pid_alive,
@@ -101,7 +107,9 @@ def sandbox() -> None:
 @click.option("--foreground", is_flag=True, help="Run in this process until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON.")
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.pass_context
 def up(
+    ctx: click.Context,
     catch_all: bool,
     mx_port: int,
     dns_port: int,
@@ -116,10 +124,21 @@ def up(
         if ready_fd is not None:
             _notify(ready_fd, {"ok": False, "error": "a sandbox is already running"})
             raise SystemExit(1)
+        running = f"MX port {state.mx_port}, DNS port {state.dns_port}"
+        ignored = _not_applied(ctx, state, catch_all, mx_port, dns_port)
+        if ignored:
+            verb, pronoun = ("was", "it") if len(ignored) == 1 else ("were", "them")
+            raise click.ClickException(
+                f"sandbox already running (pid {state.owner_pid}, home {home}) on {running}; "
+                f"the requested {' and '.join(ignored)} {verb} not applied: run "
+                f"'recapito sandbox down' first, or leave {pronoun} out to reuse the running one"
+            )
         if as_json:
             _echo_json({**_summary(home), "already_running": True})
         else:
-            _echo_summary(home, f"sandbox already running (pid {state.owner_pid}), home {home}")
+            _echo_summary(
+                home, f"sandbox already running (pid {state.owner_pid}) on {running}, home {home}"
+            )
         return
     if foreground:
         _run_foreground(home, catch_all, mx_port, dns_port, as_json, ready_fd)
@@ -129,6 +148,28 @@ def up(
             _echo_json({**_summary(home), "already_running": False})
         else:
             _echo_summary(home, f"sandbox up, home {home}")
+
+
+def _not_applied(
+    ctx: click.Context, state: SandboxState, catch_all: bool, mx_port: int, dns_port: int
+) -> list[str]:
+    """What the caller asked for explicitly that the running sandbox does not have.
+
+    Defaults never count (the running sandbox is simply reused), nor does a port of 0,
+    which asks for any free port.
+    """
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+    ignored: list[str] = []
+    if given("mx_port") and mx_port and mx_port != state.mx_port:
+        ignored.append(f"--mx-port {mx_port}")
+    if given("dns_port") and dns_port and dns_port != state.dns_port:
+        ignored.append(f"--dns-port {dns_port}")
+    if catch_all and not state.catch_all:
+        ignored.append("--catch-all")
+    return ignored
 
 
 def _notify(fd: int, message: dict[str, Any]) -> None:
