@@ -21,8 +21,8 @@ from pathlib import Path
 
 from recapito.delivery.dns import MXResolver
 from recapito.sandbox import world
-from recapito.sandbox.dns import AuthoritativeServer, ZoneRecord, build_zone
-from recapito.sandbox.runtime import Sandbox, free_dns_port
+from recapito.sandbox.dns import ZoneRecord
+from recapito.sandbox.runtime import Sandbox
 from recapito.security.check import check_domains
 
 POSTURES = ("tls13", "tls12", "selfsigned", "plain", "expired", "wrongname")
@@ -38,23 +38,21 @@ def records(domains: int, hosts: int) -> list[ZoneRecord]:
     return out
 
 
-async def assess(
-    box: Sandbox, dns_port: int, domains: list[str]
-) -> tuple[list[dict[str, object]], int]:
+async def assess(box: Sandbox, domains: list[str]) -> tuple[list[dict[str, object]], int]:
     return await check_domains(
         domains,
-        resolver=MXResolver(("127.0.0.1", dns_port)),
+        resolver=MXResolver(box.dns_address),
         port=box.mx_port,
         helo_name="assess.banca-esempio.test",
         extra_ca_file=box.ca_file,
     )
 
 
-async def per_domain(box: Sandbox, dns_port: int, domains: list[str]) -> int:
+async def per_domain(box: Sandbox, domains: list[str]) -> int:
     """The baseline: every domain probed on its own (no sharing between domains)."""
     total = 0
     for domain in domains:
-        _, connections = await assess(box, dns_port, [domain])
+        _, connections = await assess(box, [domain])
         total += connections
     return total
 
@@ -66,23 +64,18 @@ def main() -> int:
     parser.add_argument("--baseline-sample", type=int, default=300)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    # the sandbox's MX servers, and a DNS server of our own holding the big zone
-    dns_port = free_dns_port()
-    zone = build_zone(extra=records(args.domains, args.hosts))
-    dns = AuthoritativeServer(zone, "127.0.0.1", dns_port)
-    dns.start()
-    try:
-        with tempfile.TemporaryDirectory() as tmp, Sandbox(Path(tmp)) as box:
-            names = [f"d{j}.assess.test" for j in range(args.domains)]
-            started = time.perf_counter()
-            results, connections = asyncio.run(assess(box, dns_port, names))
-            seconds = time.perf_counter() - started
-            sample = names[: args.baseline_sample]
-            started = time.perf_counter()
-            baseline_conn = asyncio.run(per_domain(box, dns_port, sample))
-            baseline_s = time.perf_counter() - started
-    finally:
-        dns.stop()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Sandbox(Path(tmp), extra_records=records(args.domains, args.hosts)) as box,
+    ):
+        names = [f"d{j}.assess.test" for j in range(args.domains)]
+        started = time.perf_counter()
+        results, connections = asyncio.run(assess(box, names))
+        seconds = time.perf_counter() - started
+        sample = names[: args.baseline_sample]
+        started = time.perf_counter()
+        baseline_conn = asyncio.run(per_domain(box, sample))
+        baseline_s = time.perf_counter() - started
     decided = sum(1 for r in results if r.get("decision"))
     per_domain_conn = baseline_conn / len(sample) * args.domains
     figures = {

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import sys
+from pathlib import Path
 
 READY = "READY"
 ERROR = "ERROR"
@@ -62,3 +63,11 @@ def configure_logging(name: str) -> None:
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def spec_text(argument: str) -> str:
+    """A child's spec: JSON given inline, or ``@path`` to a file holding it (the runtime
+    passes a file, so a zone with thousands of extra records fits no matter the argv limit)."""
+    if argument.startswith("@"):
+        return Path(argument[1:]).read_text(encoding="utf-8")
+    return argument

@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m recapito.sandbox.dns '<spec json>'", file=sys.stderr)
         return 2
     _proc.configure_logging("dns")
-    return serve(DNSProcessSpec.from_json(args[0]))
+    return serve(DNSProcessSpec.from_json(_proc.spec_text(args[0])))
 
 
 if __name__ == "__main__":

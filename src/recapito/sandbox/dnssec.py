@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _proc.configure_logging("dnssec")
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    return asyncio.run(serve(DNSSECProcessSpec.from_json(args[0])))
+    return asyncio.run(serve(DNSSECProcessSpec.from_json(_proc.spec_text(args[0]))))
 
 
 if __name__ == "__main__":

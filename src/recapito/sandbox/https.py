@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m recapito.sandbox.https '<spec json>'", file=sys.stderr)
         return 2
     _proc.configure_logging("https")
-    return asyncio.run(serve(HTTPSProcessSpec.from_json(args[0])))
+    return asyncio.run(serve(HTTPSProcessSpec.from_json(_proc.spec_text(args[0]))))
 
 
 if __name__ == "__main__":

@@ -535,10 +535,14 @@ class Sandbox:
         return env
 
     def _spawn(self, name: str, module: str, spec_json: str) -> None:
+        spec_dir = self.sandbox_dir / "specs"
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        spec_file = spec_dir / f"{name}.json"
+        _atomic_write_text(spec_file, spec_json)
         log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", module, spec_json],
+                [sys.executable, "-m", module, f"@{spec_file}"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log_file,

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m recapito.sandbox.servers '<spec json>'", file=sys.stderr)
         return 2
-    spec = MXProcessSpec.from_json(args[0])
+    spec = MXProcessSpec.from_json(_proc.spec_text(args[0]))
     _proc.configure_logging(spec.host)
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     return asyncio.run(serve(spec))
