@@ -147,12 +147,11 @@ def _sample_render(
 
 
 def _source(params: CampaignParams) -> ContactSource:
-    if "://" in params.contacts:
-        if not params.query:
-            raise InputError(f"contacts {params.contacts!r} is a database URL: give --query too")
-        return ContactSource.from_sql(params.contacts, params.query)
-    return ContactSource.from_path(
-        Path(params.contacts), encoding=params.encoding, delimiter=params.delimiter
+    return ContactSource.parse(
+        params.contacts,
+        query=params.query,
+        encoding=params.encoding,
+        delimiter=params.delimiter,
     )
 
 
@@ -165,6 +164,9 @@ def _head_sample(source: ContactSource, directory: Path) -> ContactSource:
     path = Path(source.path)
     with path.open("rb") as handle:
         head = handle.read(_SAMPLE_BYTES)
+    encoding = (source.encoding or "").lower()
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or "16" in encoding or "32" in encoding:
+        return source  # wide encodings cannot be cut at a newline byte: check the whole file
     if len(head) == _SAMPLE_BYTES and b"\n" in head:
         head = head[: head.rindex(b"\n") + 1]
     sample = directory / f"sample{path.suffix or '.csv'}"
