@@ -98,6 +98,12 @@ def test_every_posture_ends_in_the_right_state(sandbox: Sandbox, tmp_path: Path)
             assert (row["tls_version"], row["tls_level"]) == (version, level), key
             assert row["reply_code"] == 250 and row["message_id"].startswith(f"<{camp}.")
     assert by_contact["failover"]["mx_host"] == "mx.tls13.sandbox.test"
+    # the certificate verdict of each delivery is kept in its event
+    import json
+
+    sent = {e["delivery_id"]: json.loads(e["data_json"]) for e in ledger.events_of(c.id, "sent")}
+    assert sent[by_contact["self"]["id"]]["tls_certificate"] == "certificate-not-trusted"
+    assert sent[by_contact["tls13"]["id"]]["tls_certificate"] == "valid"
     assert by_contact["grey"]["reason"] == "greylisted"
     assert by_contact["cessato"]["reason"] == "user_unknown"
     assert by_contact["cessato"]["reply_status"] == "5.1.1"

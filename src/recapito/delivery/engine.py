@@ -213,6 +213,7 @@ class DeliveryRun:
                 tls_version=session.tls.version,
                 tls_cipher=session.tls.cipher,
                 tls_level=session.level,
+                tls_certificate=session.tls.cert_verdict,
                 message_id=msg_id,
                 next_attempt_at=(
                     utcnow() + self.options.retry_after if verdict.state == State.DEFERRED else None
@@ -412,6 +413,7 @@ class DeliveryRun:
                 tls_level=best.level,
                 tls_version=best.facts.get("tls_version"),
                 tls_cipher=best.facts.get("cipher"),
+                tls_certificate=best.facts.get("certificate"),
             )
             return verdicts[0].reason or "insecure_channel", text, outcome
         return "connection_failed", text, None

@@ -133,6 +133,8 @@ class Outcome:
     tls_level: str | None = None
     message_id: str | None = None
     next_attempt_at: datetime | None = None
+    # kept in the delivery's event (not a column): the certificate verdict of the MX host
+    tls_certificate: str | None = None
 
 
 @dataclass(frozen=True)
