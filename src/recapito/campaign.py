@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 from recapito.config import Settings
 from recapito.contacts.sources import ContactSource, load
 from recapito.contacts.targeting import target
-from recapito.delivery.engine import DeliveryOptions, DeliveryRun
+from recapito.delivery.engine import DeliveryOptions, DeliveryRun, DeliveryStats
 from recapito.errors import InputError
 from recapito.ledger import Claim, Ledger, PlannedDelivery
 from recapito.ledger.store import utcnow
@@ -62,6 +62,15 @@ class CampaignParams(BaseModel):
         description="opportunistic (best TLS available) or secure:L1…secure:L4 (Secure Email: "
         "below the level nothing is sent and the recipient ends insecure_channel)",
     )
+    message_class_column: str | None = Field(
+        None,
+        description="Contact column holding each message's class (e.g. legal, marketing)",
+    )
+    tls_policy_by_class: dict[str, str] = Field(
+        default_factory=dict,
+        description='Transport policy per message class, e.g. {"legal": "secure:L3"}; '
+        "other classes use tls_policy",
+    )
     retry_after_seconds: int = Field(
         300, ge=0, le=86_400, description="First retry of deferred mail (4xx, greylisting)"
     )
@@ -84,6 +93,11 @@ class CampaignParams(BaseModel):
     @classmethod
     def _tls_policy(cls, value: str) -> str:
         return TLSPolicy.parse(value).label
+
+    @field_validator("tls_policy_by_class")
+    @classmethod
+    def _class_policies(cls, value: dict[str, str]) -> dict[str, str]:
+        return {str(k): TLSPolicy.parse(v).label for k, v in value.items()}
 
     @field_validator("sender")
     @classmethod
@@ -128,6 +142,15 @@ def _check_same_audience(params: CampaignParams, stored: dict[str, Any]) -> None
                 f"campaign {params.name!r} was created with {key}={before!r}, now {key}={now!r}: "
                 "re-run it with the same parameters, or choose a new campaign name"
             )
+
+
+def _check_class_column(params: CampaignParams, columns: list[str]) -> None:
+    column = params.message_class_column
+    if column is not None and column not in columns:
+        raise InputError(
+            f"message class column {column!r} is not a contact column "
+            f"(available: {', '.join(c for c in columns if not c.startswith('_'))})"
+        )
 
 
 def _sample_render(
@@ -203,6 +226,7 @@ def preflight(params: CampaignParams) -> None:
         except InputError as exc:
             raise InputError(str(exc).replace(str(sample.path), str(path))) from None
         targeted = target(loaded, params.mapping, params.filter, None)
+        _check_class_column(params, targeted.audience.columns)
         template.check_variables(targeted.audience.columns)
         _sample_render(template, targeted.audience, params)
 
@@ -234,6 +258,7 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             audience = targeted.audience.with_columns(
                 (pl.int_range(0, pl.len()) // params.chunk_size).cast(pl.Int32).alias("_chunk")
             )
+            _check_class_column(params, audience.columns)
             template.check_variables(audience.columns)
             _sample_render(template, audience, params)
             campaign = ledger.ensure_campaign(
@@ -314,27 +339,45 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
             return {"chunk": chunk, "claimed": 0, "outcomes": {}}
         audience_path = campaign_dir(settings, params.name) / "audience.parquet"
         audience = pl.read_parquet(audience_path).filter(pl.col("_chunk") == chunk)
-        options = DeliveryOptions(
-            sender=params.sender,
-            helo_name=settings.helo_name,
-            mx_port=settings.mx_port,
-            extra_ca_file=settings.tls_ca_file,
-            connections_per_host=params.connections_per_host,
-            messages_per_connection=params.messages_per_connection,
-            retry_after=timedelta(seconds=params.retry_after_seconds),
-            tls_policy=TLSPolicy.parse(params.tls_policy),
-        )
-        run = DeliveryRun(
-            ledger,
-            options,
-            chunk_renderer(template, audience, params),
-            mx_resolver(settings),
-            recipient_policies(settings, store=ledger),
-        )
-        stats = asyncio.run(run.run(claims))
+        renderer = chunk_renderer(template, audience, params)
+        policies = recipient_policies(settings, store=ledger)
+        stats = DeliveryStats()
+        for label, part in _claims_by_policy(claims, audience, params).items():
+            options = DeliveryOptions(
+                sender=params.sender,
+                helo_name=settings.helo_name,
+                mx_port=settings.mx_port,
+                extra_ca_file=settings.tls_ca_file,
+                connections_per_host=params.connections_per_host,
+                messages_per_connection=params.messages_per_connection,
+                retry_after=timedelta(seconds=params.retry_after_seconds),
+                tls_policy=TLSPolicy.parse(label),
+            )
+            run = DeliveryRun(ledger, options, renderer, mx_resolver(settings), policies)
+            stats.merge(asyncio.run(run.run(part)))
     finally:
         ledger.close()
     return {"chunk": chunk, "claimed": len(claims), **stats.as_dict()}
+
+
+def _claims_by_policy(
+    claims: list[Claim], audience: pl.DataFrame, params: CampaignParams
+) -> dict[str, list[Claim]]:
+    """Split a chunk's claims by the transport policy of each message's class."""
+    column = params.message_class_column
+    if not params.tls_policy_by_class or column is None:
+        return {params.tls_policy: claims}
+    if column not in audience.columns:
+        raise InputError(f"message_class_column {column!r} is not a contact column")
+    class_of = {
+        str(cid): ("" if cls is None else str(cls).strip())
+        for cid, cls in audience.select("contact_id", column).iter_rows()
+    }
+    split: dict[str, list[Claim]] = {}
+    for claim in claims:
+        cls = class_of.get(claim.contact_id, "")
+        split.setdefault(params.tls_policy_by_class.get(cls, params.tls_policy), []).append(claim)
+    return split
 
 
 def due_retries(

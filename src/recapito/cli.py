@@ -68,7 +68,18 @@ _OPTION_OF_FIELD = {
     "retry_after_seconds": "retry-after",
     "retry_within_run_seconds": "retry-within-run",
     "filter": "filter",
+    "tls_policy_by_class": "tls-policy-for",
 }
+
+
+def _class_policies(pairs: tuple[str, ...]) -> dict[str, str]:
+    policies: dict[str, str] = {}
+    for pair in pairs:
+        cls, sep, policy = pair.partition("=")
+        if not sep or not cls.strip() or not policy.strip():
+            raise click.ClickException(f"--tls-policy-for {pair!r}: expected CLASS=POLICY")
+        policies[cls.strip()] = policy.strip()
+    return policies
 
 
 def _sigterm_like_ctrl_c() -> None:
@@ -109,6 +120,18 @@ def prefect_environment(home: Path) -> None:
     help="opportunistic, or secure:L1 … secure:L4 (Secure Email).",
 )
 @click.option(
+    "--message-class-column",
+    default=None,
+    help="Contact column holding each message's class (legal, marketing...).",
+)
+@click.option(
+    "--tls-policy-for",
+    "tls_policy_for",
+    multiple=True,
+    metavar="CLASS=POLICY",
+    help="Transport policy of one message class, e.g. legal=secure:L3 (repeatable).",
+)
+@click.option(
     "--retry-after",
     default=300,
     show_default=True,
@@ -136,6 +159,8 @@ def campaign_run(
     chunk_size: int,
     parallel_chunks: int,
     tls_policy: str,
+    message_class_column: str | None,
+    tls_policy_for: tuple[str, ...],
     retry_after: int,
     retry_within_run: int,
     as_json: bool,
@@ -160,6 +185,8 @@ def campaign_run(
             chunk_size=chunk_size,
             parallel_chunks=parallel_chunks,
             tls_policy=tls_policy,
+            message_class_column=message_class_column,
+            tls_policy_by_class=_class_policies(tls_policy_for),
             retry_after_seconds=retry_after,
             retry_within_run_seconds=retry_within_run,
         )

@@ -69,6 +69,13 @@ class DeliveryStats:
     connections: int = 0
     seconds: float = 0.0
 
+    def merge(self, other: DeliveryStats) -> None:
+        self.outcomes.update(other.outcomes)
+        self.reasons.update(other.reasons)
+        self.tls.update(other.tls)
+        self.connections += other.connections
+        self.seconds += other.seconds
+
     def as_dict(self) -> dict[str, object]:
         return {
             "outcomes": dict(self.outcomes),
