@@ -720,3 +720,26 @@ def test_zone_text_per_case(pki: dict[str, Issued]) -> None:
     assert f"{world.BOGUS_MX_DOMAIN}. IN MX 10 mx.dane-bogus.test." in texts["bogus"]
     for domain in world.SIGNED_DOMAINS:
         assert f"{domain.mx_host}. IN A {domain.address}" in texts[domain.dane]
+
+
+def test_refresh_asks_again_instead_of_using_the_run_cache(
+    sandbox: Sandbox, dane: tuple[str, int]
+) -> None:
+    host = world.SIGNED_DOMAINS_BY_NAME["dane-mismatch.test"].mx_host
+
+    async def run() -> int:
+        resolver = DANEResolver(dane)
+        asked: list[str] = []
+        original = resolver._lookup_tlsa
+
+        async def counting(name: str) -> TLSAResult:
+            asked.append(name)
+            return await original(name)
+
+        resolver._lookup_tlsa = counting  # type: ignore[method-assign]
+        await resolver.tlsa(host, sandbox.mx_port)
+        await resolver.tlsa(host, sandbox.mx_port)  # from the run's cache
+        await resolver.tlsa(host, sandbox.mx_port, refresh=True)
+        return len(asked)
+
+    assert asyncio.run(run()) == 2

@@ -410,16 +410,25 @@ class DANEResolver:
         future.set_result(result)
         return result
 
-    async def tlsa(self, mx_host: str, port: int = DEFAULT_PORT) -> TLSAResult:
-        """The TLSA records of ``_<port>._tcp.<mx_host>`` and what they mean for DANE."""
+    async def tlsa(
+        self, mx_host: str, port: int = DEFAULT_PORT, *, refresh: bool = False
+    ) -> TLSAResult:
+        """The TLSA records of ``_<port>._tcp.<mx_host>`` and what they mean for DANE.
+
+        ``refresh`` asks again instead of answering from this run's cache (after a host
+        failed to match, the records may just have been rolled over)."""
         name = tlsa_name(mx_host, port)
         if self.nameserver is None:
             return TLSAResult(name, "unchecked", detail="no DNSSEC-validating resolver configured")
+        if refresh:
+            self._cache.pop((name, "TLSA"), None)
         result = await self._once((name, "TLSA"), lambda: self._lookup_tlsa(name))
         assert isinstance(result, TLSAResult)
         return result
 
-    async def tlsa_for(self, mx: MXResult, host: MXHost, port: int = DEFAULT_PORT) -> TLSAResult:
+    async def tlsa_for(
+        self, mx: MXResult, host: MXHost, port: int = DEFAULT_PORT, *, refresh: bool = False
+    ) -> TLSAResult:
         """``tlsa`` with RFC 7672 §2.2's preconditions on the MX lookup already made.
 
         DANE applies only when the MX records (§2.2.1) and the host's addresses (§2.2.2)
@@ -432,7 +441,7 @@ class DANEResolver:
             return TLSAResult(name, "insecure", detail="MX records not DNSSEC-validated")
         if not host.authenticated:
             return TLSAResult(name, "insecure", detail="address records not DNSSEC-validated")
-        return await self.tlsa(host.name, port)
+        return await self.tlsa(host.name, port, refresh=refresh)
 
     async def _lookup_tlsa(self, name: str) -> TLSAResult:
         reply = await self._ask(name, "TLSA")

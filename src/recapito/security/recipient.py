@@ -33,7 +33,7 @@ class PublishedPolicies:
     ) -> RecipientPolicy:
         dane: DANEOutcome = "unchecked"
         if self.dane is not None:
-            tlsa = await self.dane.tlsa_for(mx, host, port)
+            tlsa = await self.dane.tlsa_for(mx, host, port, refresh=refresh)
             verdict = match_tlsa(tlsa.records, chain, host.name) if tlsa.applies and chain else None
             dane = dane_outcome(tlsa, verdict)
             if dane in ("match", "mismatch", "bogus"):
