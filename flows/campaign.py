@@ -46,6 +46,8 @@ def _deliver(
                     chunks[chunk],
                 )
             )
+        if not pending:
+            break
         finished, not_done = wait(pending, timeout=1.0)
         for future in finished:
             result = future.result()
@@ -75,7 +77,8 @@ def _artifact_key(name: str) -> str:
 def campaign_flow(params: CampaignParams) -> dict[str, Any]:
     logger = get_run_logger()
     prepared = prepare_campaign(params)
-    chunks: list[int] = prepared["chunks"]
+    # chunks that still hold planned rows -> token of that work (JSON keys are strings)
+    chunks = {int(k): v for k, v in prepared["chunks"].items()}
     counts = prepared["counts"]
     logger.info(
         "targeted %s of %s contacts (%s rejected, %s filtered out) in %s chunks",
@@ -88,7 +91,7 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
     progress = create_progress_artifact(
         progress=0.0, key=f"{_artifact_key(params.name)}-progress", description="chunks delivered"
     )
-    _deliver(params, prepared, {c: "" for c in chunks}, 0, progress)
+    _deliver(params, prepared, chunks, 0, progress)
     # deferred mail (greylisting, 4xx): what is already due is retried now, and the run
     # waits up to retry_within_run_seconds for more to come due
     deadline = time.monotonic() + params.retry_within_run_seconds

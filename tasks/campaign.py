@@ -38,7 +38,7 @@ def chunk_cache_key(_ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
     return (
         f"recapito:{params.name}:{parameters['campaign_key']}:email:"
         f"{parameters['chunk']}:{parameters['template_hash']}:round{parameters['round']}"
-        f":{parameters['retry_token']}"
+        f":{parameters['work_token']}"
     )
 
 
@@ -53,7 +53,7 @@ def prepare_campaign(params: core.CampaignParams) -> dict[str, Any]:
     return {
         "campaign_id": prepared.campaign_id,
         "campaign_key": f"{campaign.id}@{campaign.created_at.isoformat()}",
-        "chunks": prepared.chunks,
+        "chunks": {str(k): v for k, v in prepared.chunks.items()},
         "counts": prepared.counts,
         "template_hash": prepared.template_hash,
         "audience_path": prepared.audience_path,
@@ -75,10 +75,11 @@ def deliver_chunk(
     campaign_key: str,
     template_hash: str,
     round: int,
-    retry_token: str = "",
+    work_token: str,
 ) -> dict[str, Any]:
-    """Send one chunk. Round 0 is the first pass; later rounds retry its deferred mail
-    (``retry_token`` identifies which deferred rows, so a re-run retries new ones)."""
+    """Send one chunk. Round 0 sends its planned rows; later rounds retry its deferred mail.
+    ``work_token`` identifies those rows, so a cached result is reused only for the same work
+    (rows released after a crash, or newly due, make a new token)."""
     return core.deliver_chunk(params, chunk, Settings.load())
 
 

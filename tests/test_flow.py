@@ -181,3 +181,57 @@ def test_template_breaking_the_sandbox_stops_before_planning(
     ledger = Ledger(Settings.load().db_url)
     assert ledger.get_campaign("evil") is None  # nothing planned, nothing sent
     ledger.close()
+
+
+def test_rows_held_by_a_dead_worker_go_out_once_its_lease_expires(
+    prefect_harness: None, home: Path, sandbox: Sandbox
+) -> None:
+    """A worker died holding a chunk: a run during its lease leaves the rows alone (they
+    are in flight); the first run after the lease sends every row exactly once."""
+    import sqlalchemy as sa
+
+    from flows.campaign import campaign_flow
+    from recapito.campaign import prepare
+    from recapito.ledger.schema import deliveries
+
+    params = CampaignParams(
+        name="dead-worker",
+        contacts=str(_contacts(home / "contacts.csv")),
+        template=str(DEMO_TEMPLATE),
+        sender="comunicazioni@banca-esempio.test",
+    )
+    settings = Settings.load()
+    prepared = prepare(params, settings)
+    ledger = Ledger(settings.db_url)
+    held = ledger.claim_chunk(prepared.campaign_id, 0, worker="dead-host:1")
+    assert len(held) == 5
+    during = campaign_flow(params)
+    assert during["funnel"]["in_flight"] == 5 and during["funnel"]["accepted"] == 0
+    with ledger.engine.begin() as conn:  # the lease runs out
+        conn.execute(
+            sa.update(deliveries)
+            .where(deliveries.c.campaign_id == prepared.campaign_id)
+            .values(lease_until=sa.func.datetime("now", "-1 hour"))
+        )
+    after = campaign_flow(params)
+    assert after["funnel"]["in_flight"] == 0
+    assert (after["funnel"]["accepted"], after["funnel"]["failed"]) == (3, 2)
+    again = campaign_flow(params)  # nothing left: nothing more is sent
+    check = compare_with_maildirs(ledger, "dead-worker", sandbox.maildir_root)
+    assert (check["stored"], check["duplicates"], check["missing"]) == (3, 0, 0)
+    assert again["status"] == "completed"
+    ledger.close()
+
+
+def test_rerun_with_another_tls_policy_is_refused(prefect_harness: None, home: Path) -> None:
+    from flows.campaign import campaign_flow
+    from recapito.errors import InputError
+
+    base = {
+        "contacts": str(_contacts(home / "contacts.csv")),
+        "template": str(DEMO_TEMPLATE),
+        "sender": "comunicazioni@banca-esempio.test",
+    }
+    campaign_flow(CampaignParams(name="policy-fixed", **base))
+    with pytest.raises(InputError, match=r"tls_policy='opportunistic', now tls_policy='secure:L4'"):
+        campaign_flow(CampaignParams(name="policy-fixed", tls_policy="secure:L4", **base))

@@ -116,7 +116,7 @@ class CampaignParams(BaseModel):
 class Prepared:
     campaign_id: int
     name: str
-    chunks: list[int]
+    chunks: dict[int, str]  # chunks with planned rows -> token of those rows
     counts: dict[str, Any]
     audience_path: str
     template_hash: str
@@ -130,13 +130,28 @@ def campaign_dir(settings: Settings, name: str) -> Path:
     return settings.home / "campaigns" / f"{safe}-{digest}"
 
 
-# Parameters that decide who is in the audience and what they get: a re-run must match.
-_AUDIENCE_PARAMS = ("contacts", "query", "filter", "mapping", "encoding", "delimiter", "sender")
+# Parameters that decide who gets what, and how safely: a re-run must keep them.
+_AUDIENCE_PARAMS = (
+    "contacts",
+    "query",
+    "filter",
+    "mapping",
+    "encoding",
+    "delimiter",
+    "sender",
+    "tls_policy",
+    "message_class_column",
+    "tls_policy_by_class",
+)
 
 
 def _check_same_audience(params: CampaignParams, stored: dict[str, Any]) -> None:
     for key in _AUDIENCE_PARAMS:
         before, now = stored.get(key), getattr(params, key)
+        if key == "tls_policy" and before is None:
+            before = "opportunistic"
+        if key == "tls_policy_by_class" and before is None:
+            before = {}
         if before != now:
             raise InputError(
                 f"campaign {params.name!r} was created with {key}={before!r}, now {key}={now!r}: "
@@ -206,6 +221,7 @@ def preflight(params: CampaignParams) -> None:
     again on the whole audience.)
     """
     template = load_template(params.template)
+    Ledger(Settings.load().db_url).close()  # reachable (and migrated) before anything starts
     source = _source(params)
     if source.kind == "sql" or source.path is None:
         return
@@ -287,7 +303,7 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
         )
         counts["planned_new"] = ledger.plan(campaign.id, planned)
         ledger.update_campaign(campaign.id, status="planned", counts=counts)
-        chunks = ledger.chunks(campaign.id)
+        chunks = ledger.planned_chunks(campaign.id)
     finally:
         ledger.close()
     return Prepared(

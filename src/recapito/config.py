@@ -67,6 +67,32 @@ def parse_hostport(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _check_home(home: Path) -> None:
+    """The state directory must be a directory, or creatable where it is."""
+    if home.exists():
+        if not home.is_dir():
+            raise ConfigError(f"RECAPITO_HOME={home}: not a directory")
+        return
+    parent = home.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"RECAPITO_HOME={home}: cannot be created under {parent}")
+
+
+def _check_sqlite_directory(url: str) -> None:
+    """An explicit SQLite ledger must be in an existing directory: a typo in the path must
+    not start an empty ledger (that would send a whole campaign again)."""
+    if not url.startswith("sqlite:"):
+        return
+    path = url.split(":///", 1)[-1].split("?", 1)[0]
+    if path and path != ":memory:" and not Path(path).parent.is_dir():
+        raise ConfigError(
+            f"RECAPITO_DB_URL={url}: directory {Path(path).parent} does not exist "
+            "(create it first if this is really a new ledger)"
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -86,7 +112,10 @@ class Settings:
             **_sandbox_settings(home),
             **{k: environ[k] for k in SETTING_NAMES if environ.get(k)},
         }
+        _check_home(home)
         db_url = merged.get("RECAPITO_DB_URL") or f"sqlite:///{home / 'recapito.db'}"
+        if merged.get("RECAPITO_DB_URL"):
+            _check_sqlite_directory(db_url)
         dns = (
             parse_hostport(merged["RECAPITO_DNS"], "RECAPITO_DNS")
             if merged.get("RECAPITO_DNS")

@@ -21,7 +21,10 @@ def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
     states = ledger.state_counts(campaign.id)
     counts = campaign.counts
     targeted = sum(states.values())
-    pending = states.get("planned", 0) + states.get("claimed", 0)
+    pending = states.get("planned", 0)
+    # held by a worker: being sent now, or by a worker that died (released or made
+    # uncertain once its lease expires; see expire_stale_claims)
+    in_flight = states.get("claimed", 0) + states.get("sending", 0)
     funnel = {
         "contacts": int(counts.get("contacts", targeted)),
         "rejected": int(counts.get("rejected", 0)),
@@ -29,6 +32,7 @@ def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
         "targeted": targeted,
         **{s: states.get(s, 0) for s in FUNNEL_STATES},
         "pending": pending,
+        "in_flight": in_flight,
     }
     return {
         "campaign": campaign.name,
@@ -67,7 +71,7 @@ def funnel_markdown(report: dict[str, Any]) -> str:
         f"| excluded by filter | {f['filtered_out']:,} | |",
         f"| targeted | {f['targeted']:,} | 100% |",
     ]
-    for state in (*FUNNEL_STATES, "pending"):
+    for state in (*FUNNEL_STATES, "pending", "in_flight"):
         lines.append(f"| {state} | {f[state]:,} | {_pct(f[state], f['targeted'])} |")
     tls = report["tls_versions"]
     accepted = sum(tls.values())
@@ -125,11 +129,13 @@ def domain_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         "insecure_channel",
         "uncertain",
         "pending",
+        "in_flight",
     ]
     rows = []
     for entry in report["domains"]:
         row = {c: entry.get(c, 0) for c in columns}
-        row["pending"] = entry.get("planned", 0) + entry.get("claimed", 0)
+        row["pending"] = entry.get("planned", 0)
+        row["in_flight"] = entry.get("claimed", 0) + entry.get("sending", 0)
         rows.append(row)
     return rows
 
@@ -142,5 +148,7 @@ def text_summary(report: dict[str, Any]) -> str:
         f"{f['filtered_out']:,} filtered out, {f['targeted']:,} targeted -> "
         f"{f['accepted']:,} accepted, {f['deferred']:,} deferred, {f['failed']:,} failed, "
         f"{f['insecure_channel']:,} insecure_channel, "
-        f"{f['uncertain']:,} uncertain, {f['pending']:,} pending; TLS: {tls}"
+        f"{f['uncertain']:,} uncertain, {f['pending']:,} pending"
+        + (f", {f['in_flight']:,} held by a worker" if f["in_flight"] else "")
+        + f"; TLS: {tls}"
     )

@@ -70,7 +70,12 @@ def create_ledger_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg2"):
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError(
+            f"ledger URL {parsed.render_as_string(hide_password=True)!r}: unsupported database "
+            "(use sqlite:///PATH or postgresql://…)"
+        )
+    if parsed.get_driver_name() in ("", "psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
@@ -226,8 +231,19 @@ class Ledger:
     def __init__(self, url: str, *, run_migrations: bool = True) -> None:
         self.url = url
         self.engine = create_ledger_engine(url)
-        if run_migrations:
-            migrate(self.engine)
+        try:
+            if run_migrations:
+                migrate(self.engine)
+            else:
+                with self.engine.connect():
+                    pass
+        except sa.exc.OperationalError as exc:
+            self.engine.dispose()
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            shown = sa.engine.make_url(url).render_as_string(hide_password=True)
+            raise LedgerError(
+                f"ledger database {shown} unreachable ({reason}): check RECAPITO_DB_URL"
+            ) from None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -377,12 +393,36 @@ class Ledger:
             ).all()
         return {str(r[0]): int(r[1]) for r in rows}
 
-    def chunks(self, campaign_id: int, *, pending_only: bool = False) -> list[int]:
+    def chunks(self, campaign_id: int) -> list[int]:
         query = sa.select(deliveries.c.chunk).where(deliveries.c.campaign_id == campaign_id)
-        if pending_only:
-            query = query.where(deliveries.c.state == State.PLANNED.value)
         with self.engine.connect() as conn:
             return [int(r[0]) for r in conn.execute(query.distinct().order_by(deliveries.c.chunk))]
+
+    def planned_chunks(self, campaign_id: int) -> dict[int, str]:
+        """Chunks that still hold ``planned`` rows, each with a token of those rows.
+
+        The token changes whenever the set of planned rows does (rows released after a
+        crash, rows sent), so a cached result for a chunk is reused only while its work is
+        truly the same."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    deliveries.c.chunk,
+                    sa.func.count(),
+                    sa.func.sum(deliveries.c.attempts),
+                    sa.func.min(deliveries.c.id),
+                    sa.func.max(deliveries.c.id),
+                )
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.state == State.PLANNED.value,
+                    )
+                )
+                .group_by(deliveries.c.chunk)
+                .order_by(deliveries.c.chunk)
+            ).all()
+        return {int(r[0]): f"p{r[1]}-{r[2]}-{r[3]}-{r[4]}" for r in rows}
 
     # ---- claims and outcomes -------------------------------------------------------------
 
