@@ -197,7 +197,7 @@ def test_unreachable_services_and_state_dir_are_one_line(tmp_path: Path) -> None
         text=True,
         timeout=60,
     )
-    _one_line_error(result, "ledger database unreachable")
+    _one_line_error(result, "check RECAPITO_DB_URL")
     env.pop("RECAPITO_DB_URL")
     env["RECAPITO_HOME"] = "/proc/recapito-cannot-be-here"
     result = subprocess.run(

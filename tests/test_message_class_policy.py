@@ -47,7 +47,7 @@ def test_each_class_gets_its_own_policy(settings: Settings, tmp_path: Path) -> N
         tls_policy_by_class={"legal": "secure:L3"},
     )
     prepared = prepare(params, settings)
-    result = deliver_chunk(params, prepared.chunks[0], settings)
+    result = deliver_chunk(params, next(iter(prepared.chunks)), settings)
     assert result["outcomes"] == {"insecure_channel": 1, "accepted": 2}
     ledger = Ledger(settings.db_url)
     rows = {r["contact_id"]: r for r in ledger.deliveries_of(prepared.campaign_id)}
