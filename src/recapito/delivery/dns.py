@@ -32,6 +32,19 @@ DNSSEC_PAYLOAD = 1232
 DNSSEC_INVALID = "dnssec-invalid"
 
 
+def make_resolver(nameserver: tuple[str, int] | None, timeout: float) -> dns.asyncresolver.Resolver:
+    """An asynchronous resolver: the system's, or only ``nameserver`` when one is configured."""
+    if nameserver is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [nameserver[0]]
+        resolver.port = nameserver[1]
+    resolver.lifetime = timeout
+    resolver.timeout = min(2.0, timeout)
+    return resolver
+
+
 @dataclass(frozen=True)
 class MXHost:
     preference: int
@@ -69,16 +82,9 @@ class MXResolver:
 
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
-            if self.nameserver is None:
-                resolver = dns.asyncresolver.Resolver()
-            else:
-                resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = [self.nameserver[0]]
-                resolver.port = self.nameserver[1]
-            resolver.lifetime = self.timeout
+            resolver = make_resolver(self.nameserver, self.timeout)
             if self._trust_ad:
                 resolver.use_edns(0, dns.flags.DO, DNSSEC_PAYLOAD)
-            resolver.timeout = min(2.0, self.timeout)
             self._resolver = resolver
         return self._resolver
 

@@ -44,6 +44,7 @@ import dns.resolver
 import httpx
 
 from recapito.config import Settings
+from recapito.delivery.dns import make_resolver
 from recapito.ledger.store import MTASTSPolicyRecord
 
 Mode = Literal["enforce", "testing", "none"]
@@ -528,15 +529,7 @@ class MTASTSResolver:
 
     def _dns(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
-            if self.nameserver is None:
-                resolver = dns.asyncresolver.Resolver()
-            else:
-                resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = [self.nameserver[0]]
-                resolver.port = self.nameserver[1]
-            resolver.lifetime = self.dns_timeout
-            resolver.timeout = min(2.0, self.dns_timeout)
-            self._resolver = resolver
+            self._resolver = make_resolver(self.nameserver, self.dns_timeout)
         return self._resolver
 
     async def _discover(self, domain: str) -> _Discovery:
