@@ -253,3 +253,22 @@ def test_mistakes_in_filter_and_mapping_stop_before_orchestration(
     )
     _one_line_error(result, expected)
     assert "Task run" not in result.stderr and "Flow run" not in result.stderr
+
+
+def test_resend_uncertain_is_an_explicit_operator_command(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from recapito.ledger import Ledger, PlannedDelivery
+
+    home = tmp_path / "var"
+    ledger = Ledger(f"sqlite:///{home / 'recapito.db'}")
+    camp = ledger.ensure_campaign("rs", sender="a@b.test", template_hash="h" * 64, params={})
+    ledger.plan(camp.id, [PlannedDelivery(str(i), f"x{i}@y.test", "y.test", 0) for i in range(3)])
+    claims = ledger.claim_chunk(camp.id, 0, worker="dead", lease=timedelta(seconds=-1))
+    ledger.mark_sending(claims[0])
+    ledger.expire_stale_claims(camp.id)
+    ledger.close()
+    _one_line_error(_run(tmp_path, "campaign", "resend", "rs"), "exactly one of")
+    result = _run(tmp_path, "campaign", "resend", "rs", "--uncertain", "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"requeued": 1' in result.stdout

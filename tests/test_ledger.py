@@ -220,3 +220,20 @@ def test_state_machine_table_is_consistent() -> None:
     assert can_transition(State.PLANNED, State.CLAIMED)
     assert not can_transition(State.UNCERTAIN, State.CLAIMED)  # never resent blindly
     assert not can_transition(State.ACCEPTED, State.CLAIMED)
+
+
+def test_operator_requeue_of_uncertain_and_failed(ledger: Ledger) -> None:
+    cid = _plan(ledger)
+    claims = ledger.claim_chunk(cid, 0, worker="w1", lease=timedelta(seconds=-1))
+    ledger.mark_sending(claims[0])
+    ledger.record(claims[1], Outcome(State.FAILED, reply_code=550, reason="user_unknown"))
+    ledger.record(claims[2], Outcome(State.FAILED, reply_code=554, reason="spam_rejected"))
+    ledger.expire_stale_claims(cid)
+    assert ledger.requeue(cid, state=State.FAILED, reason="spam_rejected", operator="ops") == 1
+    assert ledger.requeue(cid, state=State.UNCERTAIN, operator="ops") == 1
+    counts = ledger.state_counts(cid)
+    assert counts == {"planned": 9, "failed": 1}
+    kinds = [e for e in ledger.events_of(cid) if e["kind"] == "resend_requested"]
+    assert len(kinds) == 2 and '"by": "ops"' in kinds[0]["data_json"]
+    with pytest.raises(LedgerError, match="only uncertain or failed"):
+        ledger.requeue(cid, state=State.ACCEPTED, operator="ops")

@@ -272,6 +272,48 @@ def campaign_report_cmd(name: str, as_json: bool) -> None:
         ledger.close()
 
 
+@campaign.command("resend")
+@click.argument("name")
+@click.option("--uncertain", is_flag=True, help="Deliveries whose reply was lost (uncertain).")
+@click.option("--failed", is_flag=True, help="Failed deliveries (use with --reason).")
+@click.option("--reason", default=None, help="Only failed deliveries with this reason.")
+@click.option("--json", "as_json", is_flag=True)
+def campaign_resend(
+    name: str, uncertain: bool, failed: bool, reason: str | None, as_json: bool
+) -> None:
+    """Operator decision: put uncertain or failed deliveries back in the queue.
+
+    An uncertain delivery may already be in the recipient's mailbox: resending it may
+    deliver it twice, which is why it is never done without this command. The next run of
+    the campaign sends what was put back.
+    """
+    import getpass
+
+    from recapito.config import Settings
+    from recapito.ledger import Ledger, State
+
+    if uncertain == failed:
+        raise click.ClickException("choose exactly one of --uncertain or --failed")
+    if reason is not None and not failed:
+        raise click.ClickException("--reason goes with --failed")
+    ledger = Ledger(Settings.load().db_url)
+    try:
+        found = ledger.get_campaign(name)
+        if found is None:
+            raise click.ClickException(f"no campaign named {name!r} in the ledger")
+        state = State.UNCERTAIN if uncertain else State.FAILED
+        count = ledger.requeue(found.id, state=state, reason=reason, operator=getpass.getuser())
+    finally:
+        ledger.close()
+    if as_json:
+        click.echo(json.dumps({"campaign": name, "requeued": count, "state": state.value}))
+    else:
+        click.echo(
+            f"{count:,} {state.value} deliveries of {name!r} put back in the queue; "
+            "run the campaign again to send them"
+        )
+
+
 @main.group(cls=_Group)
 def tls() -> None:
     """Transport security diagnostics."""

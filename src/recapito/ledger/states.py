@@ -41,7 +41,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED}),
     State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}),
     State.DELIVERED: frozenset({State.BOUNCED}),
-    State.FAILED: frozenset(),
+    State.FAILED: frozenset({State.PLANNED}),  # only by an operator's resend
     State.SUPPRESSED: frozenset(),
     State.INSECURE_CHANNEL: frozenset(),
     State.EXPIRED: frozenset(),

@@ -493,6 +493,57 @@ class Ledger:
                 counts[kind] = len(ids)
         return counts
 
+    def requeue(
+        self,
+        campaign_id: int,
+        *,
+        state: State,
+        reason: str | None = None,
+        operator: str,
+    ) -> int:
+        """An operator's decision to send again: rows in ``state`` (``uncertain``, or
+        ``failed`` with ``reason``) go back to ``planned``, each with an event saying who."""
+        if state not in (State.UNCERTAIN, State.FAILED):
+            raise LedgerError(f"only uncertain or failed deliveries can be resent, not {state}")
+        cond = sa.and_(deliveries.c.campaign_id == campaign_id, deliveries.c.state == state.value)
+        if reason is not None:
+            cond = sa.and_(cond, deliveries.c.reason == reason)
+        now = utcnow()
+        with self._tx() as conn:
+            ids = [r[0] for r in conn.execute(sa.select(deliveries.c.id).where(cond))]
+            for start in range(0, len(ids), 900):
+                part = ids[start : start + 900]
+                conn.execute(
+                    deliveries.update()
+                    .where(sa.and_(deliveries.c.id.in_(part), deliveries.c.state == state.value))
+                    .values(
+                        state=State.PLANNED.value,
+                        worker=None,
+                        claim_token=None,
+                        lease_until=None,
+                        next_attempt_at=None,
+                        updated_at=now,
+                    )
+                )
+            if ids:
+                conn.execute(
+                    events.insert(),
+                    [
+                        {
+                            "campaign_id": campaign_id,
+                            "delivery_id": i,
+                            "kind": "resend_requested",
+                            "at": now,
+                            "source": "operator",
+                            "data_json": json.dumps(
+                                {"from_state": state.value, "reason": reason, "by": operator}
+                            ),
+                        }
+                        for i in ids
+                    ],
+                )
+        return len(ids)
+
     def mark_sending(self, claim: Claim) -> bool:
         """Commit that the body of this claimed delivery is about to go out."""
         with self._tx() as conn:
