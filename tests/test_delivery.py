@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -173,4 +174,72 @@ def test_unreachable_destination_is_deferred_not_lost(sandbox: Sandbox, tmp_path
     stats = asyncio.run(run.run(claims))
     assert dict(stats.outcomes) == {"deferred": 3}
     assert {r["reason"] for r in ledger.deliveries_of(c.id)} == {"dns_temporary"}
+    ledger.close()
+
+
+def test_backoff_grows_and_gives_up_after_the_window(sandbox: Sandbox, tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from recapito.ledger.schema import deliveries
+    from recapito.ledger.store import utcnow
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    c = ledger.ensure_campaign("backoff", sender=SENDER, template_hash="t" * 64, params={})
+    ledger.plan(
+        c.id,
+        [PlannedDelivery(str(i), f"{i}@postaveloce.test", "postaveloce.test", 0) for i in range(2)],
+    )
+    options = DeliveryOptions(
+        sender=SENDER,
+        helo_name="x.test",
+        mx_port=sandbox.mx_port,
+        retry_after=timedelta(minutes=5),
+        retry_factor=1.5,
+        give_up_after=timedelta(hours=72),
+    )
+    run = DeliveryRun(
+        ledger,
+        options,
+        lambda claim: None,  # type: ignore[arg-type,return-value]
+        MXResolver(("127.0.0.1", 9), timeout=0.5),
+    )
+    now = utcnow()
+    first = Claim(1, c.id, "0", "x", "d", 0, attempt=1, token="t", first_attempt_at=now)
+    third = Claim(1, c.id, "0", "x", "d", 0, attempt=3, token="t", first_attempt_at=now)
+    d1 = run._next_attempt(first)
+    d3 = run._next_attempt(third)
+    assert d1 is not None and d3 is not None
+    assert abs((d1 - now).total_seconds() - 300) < 5
+    assert abs((d3 - now).total_seconds() - 300 * 1.5**2) < 5
+    late = Claim(
+        1,
+        c.id,
+        "0",
+        "x",
+        "d",
+        0,
+        attempt=9,
+        token="t",
+        first_attempt_at=now - timedelta(hours=71, minutes=59),
+    )
+    assert run._next_attempt(late) is None
+
+    # through the engine: a row first tried 73 hours ago expires instead of deferring again
+    claims = ledger.claim_chunk(c.id, 0, worker="t")
+    with ledger.engine.begin() as conn:
+        conn.execute(
+            sa.update(deliveries)
+            .where(deliveries.c.contact_id == "0")
+            .values(first_attempt_at=now - timedelta(hours=73))
+        )
+    claims = [
+        replace(cl, first_attempt_at=now - timedelta(hours=73)) if cl.contact_id == "0" else cl
+        for cl in claims
+    ]
+    asyncio.run(run.run(claims))
+    rows = {r["contact_id"]: r for r in ledger.deliveries_of(c.id)}
+    assert rows["0"]["state"] == "expired" and rows["0"]["reason"] == "expired"
+    assert "last: dns_temporary" in rows["0"]["reply_text"]
+    assert rows["1"]["state"] == "deferred" and rows["1"]["first_attempt_at"] is not None
+    assert sorted(e["kind"] for e in ledger.events_of(c.id)) == ["deferred", "expired"]
     ledger.close()

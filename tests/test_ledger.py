@@ -215,8 +215,9 @@ def test_rejections_replace(ledger: Ledger) -> None:
 
 def test_state_machine_table_is_consistent() -> None:
     assert set(TRANSITIONS) == set(State)
-    for final in FINAL - {State.ACCEPTED, State.DELIVERED}:
+    for final in FINAL - {State.ACCEPTED, State.DELIVERED, State.FAILED}:
         assert TRANSITIONS[final] == frozenset()
+    assert TRANSITIONS[State.FAILED] == {State.PLANNED}  # only by an operator's resend
     assert can_transition(State.PLANNED, State.CLAIMED)
     assert not can_transition(State.UNCERTAIN, State.CLAIMED)  # never resent blindly
     assert not can_transition(State.ACCEPTED, State.CLAIMED)

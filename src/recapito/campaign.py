@@ -74,6 +74,15 @@ class CampaignParams(BaseModel):
     retry_after_seconds: int = Field(
         300, ge=0, le=86_400, description="First retry of deferred mail (4xx, greylisting)"
     )
+    retry_factor: float = Field(
+        1.5,
+        ge=1.0,
+        le=10.0,
+        description="Each further retry of deferred mail waits this much longer",
+    )
+    give_up_after_hours: float = Field(
+        72, gt=0, le=24 * 30, description="Deferred mail expires this long after its first attempt"
+    )
     retry_within_run_seconds: int = Field(
         0,
         ge=0,
@@ -367,6 +376,8 @@ def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dic
                 connections_per_host=params.connections_per_host,
                 messages_per_connection=params.messages_per_connection,
                 retry_after=timedelta(seconds=params.retry_after_seconds),
+                retry_factor=params.retry_factor,
+                give_up_after=timedelta(hours=params.give_up_after_hours),
                 tls_policy=TLSPolicy.parse(label),
             )
             run = DeliveryRun(ledger, options, renderer, mx_resolver(settings), policies)

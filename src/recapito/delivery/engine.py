@@ -19,8 +19,8 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -56,7 +56,9 @@ class DeliveryOptions:
     messages_per_connection: int = 200
     connect_timeout: float = 15.0
     command_timeout: float = 60.0
-    retry_after: timedelta = timedelta(minutes=5)
+    retry_after: timedelta = timedelta(minutes=5)  # first retry of deferred mail
+    retry_factor: float = 1.5  # each further retry waits this much longer
+    give_up_after: timedelta = timedelta(hours=72)  # since the first attempt: then expired
     mx_facts_ttl: timedelta = timedelta(hours=24)
     tls_policy: TLSPolicy = field(default_factory=TLSPolicy)
 
@@ -169,8 +171,41 @@ class DeliveryRun:
         if outcome.state == State.ACCEPTED:
             self.stats.tls[outcome.tls_version or "none"] += 1
 
+    def _next_attempt(self, claim: Claim) -> datetime | None:
+        """When to try again (exponential backoff), or None once the retry window is over."""
+        delay = self.options.retry_after * self.options.retry_factor ** max(0, claim.attempt - 1)
+        when = utcnow() + delay
+        started = claim.first_attempt_at or utcnow()
+        if when - started > self.options.give_up_after:
+            return None
+        return when
+
+    def _expired(self, claim: Claim, last: Outcome) -> Outcome:
+        hours = self.options.give_up_after.total_seconds() / 3600
+        return Outcome(
+            State.EXPIRED,
+            mx_host=last.mx_host,
+            reply_code=last.reply_code,
+            reply_status=last.reply_status,
+            reply_text=f"gave up after {hours:g} h; last: {last.reason}: {last.reply_text}"[:1000],
+            reason="expired",
+            permanence="permanent",
+            tls_version=last.tls_version,
+            tls_cipher=last.tls_cipher,
+            tls_level=last.tls_level,
+            message_id=last.message_id,
+        )
+
+    def _record_deferral(self, claim: Claim, outcome: Outcome) -> None:
+        """A deferral with its next attempt time, or expired when the window is over."""
+        when = self._next_attempt(claim)
+        if when is None:
+            self._record(claim, self._expired(claim, outcome))
+        else:
+            self._record(claim, replace(outcome, next_attempt_at=when))
+
     def _defer(self, claim: Claim, reason: str, text: str, mx_host: str | None = None) -> None:
-        self._record(
+        self._record_deferral(
             claim,
             Outcome(
                 State.DEFERRED,
@@ -178,7 +213,6 @@ class DeliveryRun:
                 reason=reason,
                 permanence="temporary",
                 reply_text=text[:1000],
-                next_attempt_at=utcnow() + self.options.retry_after,
             ),
         )
 
@@ -207,26 +241,24 @@ class DeliveryRun:
     ) -> None:
         verdict = classify_reply(reply.code, reply.text)
         accepted = verdict.state == State.ACCEPTED
-        self._record(
-            claim,
-            Outcome(
-                verdict.state,
-                mx_host=session.mx_host,
-                reply_code=reply.code,
-                reply_status=verdict.status,
-                reply_text=f"{reply.stage}: {reply.text}"[:1000],
-                reason=None if accepted else verdict.reason,
-                permanence=None if accepted else verdict.permanence,
-                tls_version=session.tls.version,
-                tls_cipher=session.tls.cipher,
-                tls_level=session.level,
-                tls_certificate=session.tls.cert_verdict,
-                message_id=msg_id,
-                next_attempt_at=(
-                    utcnow() + self.options.retry_after if verdict.state == State.DEFERRED else None
-                ),
-            ),
+        outcome = Outcome(
+            verdict.state,
+            mx_host=session.mx_host,
+            reply_code=reply.code,
+            reply_status=verdict.status,
+            reply_text=f"{reply.stage}: {reply.text}"[:1000],
+            reason=None if accepted else verdict.reason,
+            permanence=None if accepted else verdict.permanence,
+            tls_version=session.tls.version,
+            tls_cipher=session.tls.cipher,
+            tls_level=session.level,
+            tls_certificate=session.tls.cert_verdict,
+            message_id=msg_id,
         )
+        if verdict.state == State.DEFERRED:
+            self._record_deferral(claim, outcome)
+        else:
+            self._record(claim, outcome)
 
     # ---- connections -------------------------------------------------------------------
 

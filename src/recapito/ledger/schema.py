@@ -61,6 +61,7 @@ deliveries = sa.Table(
     sa.Column("tls_cipher", sa.String(100)),
     sa.Column("tls_level", sa.String(4)),
     sa.Column("next_attempt_at", TS),
+    sa.Column("first_attempt_at", TS),  # set by the first claim: retries give up from here
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
     sa.UniqueConstraint("campaign_id", "contact_id", "channel"),

@@ -35,8 +35,8 @@ SEND_OUTCOMES = frozenset(
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PLANNED: frozenset({State.CLAIMED, State.SUPPRESSED}),
-    State.CLAIMED: SEND_OUTCOMES | {State.SENDING, State.PLANNED},
-    State.SENDING: SEND_OUTCOMES | {State.UNCERTAIN},
+    State.CLAIMED: SEND_OUTCOMES | {State.SENDING, State.PLANNED, State.EXPIRED},
+    State.SENDING: SEND_OUTCOMES | {State.UNCERTAIN, State.EXPIRED},
     State.DEFERRED: frozenset({State.CLAIMED, State.EXPIRED, State.SUPPRESSED}),
     State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED}),
     State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}),

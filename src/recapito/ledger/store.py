@@ -120,6 +120,7 @@ class Claim:
     chunk: int
     attempt: int
     token: str
+    first_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ _EVENT_KIND = {
     State.INSECURE_CHANNEL: "insecure_channel",
     State.SUPPRESSED: "suppressed",
     State.UNCERTAIN: "uncertain",
+    State.EXPIRED: "expired",
 }
 
 
@@ -585,6 +587,7 @@ class Ledger:
                     claim_token=token,
                     lease_until=now + lease,
                     attempts=deliveries.c.attempts + 1,
+                    first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at, now),
                     updated_at=now,
                 )
             )
@@ -595,6 +598,7 @@ class Ledger:
                     deliveries.c.address,
                     deliveries.c.domain,
                     deliveries.c.attempts,
+                    deliveries.c.first_attempt_at,
                 )
                 .where(deliveries.c.claim_token == token)
                 .order_by(deliveries.c.domain, deliveries.c.id)
@@ -609,6 +613,7 @@ class Ledger:
                 chunk=chunk,
                 attempt=int(r[4]),
                 token=token,
+                first_attempt_at=as_utc(r[5]),
             )
             for r in rows
         ]
@@ -619,7 +624,7 @@ class Ledger:
         Returns False when the claim is no longer ours (lease expired and the row was
         marked uncertain meanwhile): the outcome is then kept as an event only.
         """
-        if outcome.state not in SEND_OUTCOMES and outcome.state != State.UNCERTAIN:
+        if outcome.state not in SEND_OUTCOMES | {State.UNCERTAIN, State.EXPIRED}:
             raise LedgerError(f"{outcome.state} is not an outcome of a send attempt")
         now = utcnow()
         values: dict[str, Any] = {
