@@ -110,6 +110,9 @@ def test_every_posture_ends_in_the_right_state(sandbox: Sandbox, tmp_path: Path)
     assert by_contact["cessato"]["reply_status"] == "5.1.1"
     assert by_contact["nullmx"]["reply_status"] == "5.1.10"
     assert by_contact["nx"]["reason"] == "domain_invalid"
+    # hard bounces at send time are suppressed for every later campaign
+    suppressed = ledger.suppressed_among(r["address"] for r in by_contact.values())
+    assert suppressed == {by_contact[k]["address"].lower() for k in ("cessato", "nullmx", "nx")}
     # what the MX servers stored matches the ledger, once per accepted delivery
     stored = [m for m in sandbox.messages() if m.header("X-Recapito-Campaign") == camp]
     accepted_ids = {str(r["id"]) for r in by_contact.values() if r["state"] == "accepted"}

@@ -61,6 +61,10 @@ class DeliveryOptions:
     give_up_after: timedelta = timedelta(hours=72)  # since the first attempt: then expired
     mx_facts_ttl: timedelta = timedelta(hours=24)
     tls_policy: TLSPolicy = field(default_factory=TLSPolicy)
+    # permanent failures that add the address to the suppression list
+    suppress_reasons: frozenset[str] = frozenset(
+        {"user_unknown", "domain_invalid", "mailbox_disabled"}
+    )
 
 
 @dataclass
@@ -165,6 +169,11 @@ class DeliveryRun:
     def _record(self, claim: Claim, outcome: Outcome) -> None:
         self.ledger.record(claim, outcome)
         self._done.add(claim.delivery_id)
+        if outcome.state == State.FAILED and outcome.reason in self.options.suppress_reasons:
+            # a hard bounce at send time: no campaign should try this address again
+            self.ledger.add_suppression(
+                claim.address, reason=outcome.reason, source="smtp", campaign_id=claim.campaign_id
+            )
         self.stats.outcomes[outcome.state.value] += 1
         if outcome.reason and outcome.state != State.ACCEPTED:
             self.stats.reasons[outcome.reason] += 1
