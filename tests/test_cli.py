@@ -12,13 +12,16 @@ import pytest
 DEMO_TEMPLATE = Path(__file__).parents[1] / "src" / "recapito" / "sandbox" / "demo_template"
 
 
-def _run(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, *args: str, timeout: float = 240, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECAPITO_"))}
     env.update(
         RECAPITO_HOME=str(tmp_path / "var"),
         HOME=str(tmp_path),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "recapito.cli", *args],
         env=env,
@@ -174,39 +177,13 @@ def test_unreachable_services_and_state_dir_are_one_line(tmp_path: Path) -> None
         "--template",
         str(DEMO_TEMPLATE),
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RECAPITO_"))}
-    env.update(
-        RECAPITO_HOME=str(tmp_path / "var"),
-        HOME=str(tmp_path),
-        PREFECT_API_URL="http://127.0.0.1:9/api",
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "recapito.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = _run(tmp_path, *args, PREFECT_API_URL="http://127.0.0.1:9/api")
     _one_line_error(result, "PREFECT_API_URL")
-    env.pop("PREFECT_API_URL")
-    env["RECAPITO_DB_URL"] = "postgresql://nobody@127.0.0.1:9/x"
-    result = subprocess.run(
-        [sys.executable, "-m", "recapito.cli", "campaign", "report", "x"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    db = "postgresql://nobody@127.0.0.1:9/x"
+    result = _run(tmp_path, "campaign", "report", "x", timeout=60, RECAPITO_DB_URL=db)
     _one_line_error(result, "check RECAPITO_DB_URL")
-    env.pop("RECAPITO_DB_URL")
-    env["RECAPITO_HOME"] = "/proc/recapito-cannot-be-here"
-    result = subprocess.run(
-        [sys.executable, "-m", "recapito.cli", "campaign", "report", "x"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    home = "/proc/recapito-cannot-be-here"
+    result = _run(tmp_path, "campaign", "report", "x", timeout=60, RECAPITO_HOME=home)
     _one_line_error(result, "/proc/recapito-cannot-be-here")
 
 
