@@ -649,6 +649,12 @@ def test_cli_up_status_down(cli_home: dict[str, str]) -> None:
     status = cli(cli_home, "status", "--json")
     info = json.loads(status.stdout)
     mx_port, dns_port = info["mx_port"], info["dns"]["port"]
+    # the MTA-STS policy server is shown too (its port is also in settings.json)
+    settings_port = json.loads((home / "sandbox" / "settings.json").read_text())[
+        "RECAPITO_HTTPS_PORT"
+    ]
+    assert info["mta_sts"] == f"127.0.0.1:{settings_port}"
+    assert summary["mta_sts"] == info["mta_sts"]
     running = f"on MX port {mx_port}, DNS port {dns_port}"
     # `up` again says where the running sandbox is: with no ports, the defaults, or its ports
     for args in ([], ["--mx-port", str(mx_port)], ["--mx-port", str(mx_port), "--catch-all"]):

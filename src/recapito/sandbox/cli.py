@@ -64,6 +64,7 @@ def _summary(home: Path) -> dict[str, Any]:
         "ca_file": info["ca_file"],
         "catch_all": info["catch_all"],
         "dane_resolver": info["dane_resolver"],
+        "mta_sts": info["mta_sts"],
         "settings": str(config.sandbox_settings_path(home)),
     }
 
@@ -74,6 +75,8 @@ def _echo_summary(home: Path, headline: str) -> None:
     click.echo(f"  DNS          {s['dns']}")
     click.echo(f"  MX port      {s['mx_port']} (one loopback address per MX host)")
     click.echo(f"  CA file      {s['ca_file']}")
+    if s["mta_sts"]:
+        click.echo(f"  MTA-STS      https://{s['mta_sts']} (policies of sts-*.test)")
     if s["dane_resolver"]:
         click.echo(f"  DANE         {s['dane_resolver']} (validating resolver, signed dane-*.test)")
     else:

@@ -830,5 +830,10 @@ def describe(home: Path) -> dict[str, Any]:
             if state is not None and state.dane_resolver_port
             else None
         ),
+        "mta_sts": (
+            f"{world.MTA_STS_ADDRESS}:{state.https_port}"
+            if state is not None and state.https_port
+            else None
+        ),
         "servers": servers,
     }
