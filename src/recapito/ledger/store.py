@@ -386,14 +386,16 @@ class Ledger:
                 conn.execute(rejections.insert(), payload[i : i + _INSERT_BATCH])
         return len(payload)
 
-    def rejection_counts(self, campaign_id: int) -> dict[str, int]:
+    def _count_by(self, key: Any, *where: Any) -> dict[str, int]:
+        """How many rows per value of ``key`` among those matching ``where``."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(rejections.c.reason, sa.func.count())
-                .where(rejections.c.campaign_id == campaign_id)
-                .group_by(rejections.c.reason)
+                sa.select(key, sa.func.count()).where(sa.and_(*where)).group_by(key)
             ).all()
         return {str(r[0]): int(r[1]) for r in rows}
+
+    def rejection_counts(self, campaign_id: int) -> dict[str, int]:
+        return self._count_by(rejections.c.reason, rejections.c.campaign_id == campaign_id)
 
     def chunks(self, campaign_id: int) -> list[int]:
         query = sa.select(deliveries.c.chunk).where(deliveries.c.campaign_id == campaign_id)
@@ -870,29 +872,15 @@ class Ledger:
     # ---- reading ------------------------------------------------------------------------
 
     def state_counts(self, campaign_id: int) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(deliveries.c.state, sa.func.count())
-                .where(deliveries.c.campaign_id == campaign_id)
-                .group_by(deliveries.c.state)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        return self._count_by(deliveries.c.state, deliveries.c.campaign_id == campaign_id)
 
     def tls_mix(self, campaign_id: int) -> dict[str, int]:
         """Accepted deliveries by negotiated TLS version (``none`` for cleartext)."""
-        version = sa.func.coalesce(deliveries.c.tls_version, "none")
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(version, sa.func.count())
-                .where(
-                    sa.and_(
-                        deliveries.c.campaign_id == campaign_id,
-                        deliveries.c.state == State.ACCEPTED.value,
-                    )
-                )
-                .group_by(version)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        return self._count_by(
+            sa.func.coalesce(deliveries.c.tls_version, "none"),
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.state == State.ACCEPTED.value,
+        )
 
     def domain_table(self, campaign_id: int) -> list[dict[str, Any]]:
         """Per recipient domain: how many deliveries in each state."""
@@ -911,21 +899,11 @@ class Ledger:
 
     def level_mix(self, campaign_id: int) -> dict[str, int]:
         """Deliveries by the security level of the MX host they went to (or were refused at)."""
-        level = sa.func.coalesce(deliveries.c.tls_level, "unknown")
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(level, sa.func.count())
-                .where(
-                    sa.and_(
-                        deliveries.c.campaign_id == campaign_id,
-                        deliveries.c.state.in_(
-                            [State.ACCEPTED.value, State.INSECURE_CHANNEL.value]
-                        ),
-                    )
-                )
-                .group_by(level)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        return self._count_by(
+            sa.func.coalesce(deliveries.c.tls_level, "unknown"),
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.state.in_([State.ACCEPTED.value, State.INSECURE_CHANNEL.value]),
+        )
 
     def insecure_by_domain(self, campaign_id: int) -> list[dict[str, Any]]:
         """``insecure_channel`` deliveries per recipient domain and TLS-RPT reason."""
@@ -952,18 +930,11 @@ class Ledger:
         ]
 
     def reply_reasons(self, campaign_id: int) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(deliveries.c.reason, sa.func.count())
-                .where(
-                    sa.and_(
-                        deliveries.c.campaign_id == campaign_id,
-                        deliveries.c.reason.is_not(None),
-                    )
-                )
-                .group_by(deliveries.c.reason)
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+        return self._count_by(
+            deliveries.c.reason,
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.reason.is_not(None),
+        )
 
     def deliveries_of(self, campaign_id: int) -> list[dict[str, Any]]:
         """Every delivery row of a campaign, as plain dicts (for checks and exports)."""

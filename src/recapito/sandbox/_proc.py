@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +56,20 @@ async def watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
             stop.set()
             return
         await asyncio.sleep(PARENT_POLL_SECONDS)
+
+
+async def serve_until_stopped(listener: asyncio.AbstractServer, parent_pid: int) -> int:
+    """Report READY, then serve until SIGTERM/SIGINT or until the parent process exits."""
+    report(READY)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watchdog = asyncio.create_task(watch_parent(parent_pid, stop))
+    await stop.wait()
+    listener.close()
+    watchdog.cancel()
+    return 0
 
 
 def configure_logging(name: str) -> None:

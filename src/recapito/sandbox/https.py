@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import ssl
 import sys
 from dataclasses import asdict, dataclass, field
@@ -190,7 +189,6 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def serve(spec: HTTPSProcessSpec) -> int:
     """Listen until SIGTERM/SIGINT or until the parent process exits."""
-    loop = asyncio.get_running_loop()
     try:
         context = server_context(spec.certs)
     except (OSError, ValueError) as exc:  # unreadable certificate or key (SSLError included)
@@ -203,15 +201,7 @@ async def serve(spec: HTTPSProcessSpec) -> int:
     except OSError as exc:
         _proc.report(_proc.listen_error("MTA-STS HTTPS", spec.address, spec.port, exc))
         return 1
-    _proc.report(_proc.READY)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    watchdog = asyncio.create_task(_proc.watch_parent(spec.parent_pid, stop))
-    await stop.wait()
-    listener.close()
-    watchdog.cancel()
-    return 0
+    return await _proc.serve_until_stopped(listener, spec.parent_pid)
 
 
 def main(argv: list[str] | None = None) -> int:

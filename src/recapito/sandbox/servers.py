@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import ssl
 import sys
 import time
@@ -312,15 +311,7 @@ async def serve(spec: MXProcessSpec) -> int:
     except OSError as exc:
         _proc.report(_proc.listen_error(spec.host, spec.address, spec.port, exc))
         return 1
-    _proc.report(_proc.READY)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    watchdog = asyncio.create_task(_proc.watch_parent(spec.parent_pid, stop))
-    await stop.wait()
-    listener.close()
-    watchdog.cancel()
-    return 0
+    return await _proc.serve_until_stopped(listener, spec.parent_pid)
 
 
 def main(argv: list[str] | None = None) -> int:
