@@ -510,7 +510,7 @@ class DeliveryRun:
                 continue
             try:
                 reply = await session.send(
-                    self.options.sender,
+                    rendered.envelope_from or self.options.sender,
                     claim.address,
                     rendered.data,
                     before_data=partial(self.ledger.mark_sending, claim),

@@ -89,6 +89,9 @@ class RenderedMessage:
     message_id: str
     subject: str
     data: bytes  # the whole message, CRLF line endings, ready for DATA
+    # the SMTP envelope sender (MAIL FROM), e.g. a signed VERP address; None: the
+    # delivery's configured sender
+    envelope_from: str | None = None
 
 
 @dataclass
