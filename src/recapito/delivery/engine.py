@@ -18,20 +18,20 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 from recapito.delivery.dns import MXHost, MXResolver, MXResult
 from recapito.delivery.replies import classify_reply
-from recapito.delivery.smtp import ConnectFailed, MXSession, SessionLost, SMTPReply
+from recapito.delivery.smtp import ClaimLost, ConnectFailed, MXSession, SessionLost, SMTPReply
 from recapito.delivery.tls import client_context
 from recapito.errors import TemplateError
 from recapito.ledger import Claim, Ledger, MXFacts, Outcome, State
-from recapito.ledger.store import utcnow
+from recapito.ledger.batch import GroupCommitter
+from recapito.ledger.store import MarkSending, RecordOutcome, Suppress, utcnow
 from recapito.render.template import RenderedMessage
 from recapito.security.policy import (
     LEVELS,
@@ -156,6 +156,9 @@ class DeliveryRun:
         self._checks_policies = policies is not None
         self.stats = DeliveryStats()
         self._done: set[int] = set()  # delivery ids with a recorded outcome
+        self._marked: set[int] = set()  # delivery ids committed as "sending"
+        self._commits: GroupCommitter | None = None
+        self._writes: list[asyncio.Future[bool]] = []
         self._host_slots: dict[str, asyncio.Semaphore] = {}
         self._global_slots = asyncio.Semaphore(options.max_connections)
         self._facts_saved: set[str] = set()
@@ -166,19 +169,29 @@ class DeliveryRun:
 
     # ---- outcomes ----------------------------------------------------------------------
 
-    def _record(self, claim: Claim, outcome: Outcome) -> None:
-        self.ledger.record(claim, outcome)
+    def _record(self, claim: Claim, outcome: Outcome) -> asyncio.Future[bool]:
+        """Queue the outcome for the next group commit; the future says when it is durable.
+
+        Callers need not wait: the next write of the same connection ("the next body is
+        leaving") is committed after this one, never before it.
+        """
+        assert self._commits is not None
+        committed = self._commits.submit(RecordOutcome(claim, outcome))
+        self._writes.append(committed)
         self._done.add(claim.delivery_id)
         if outcome.state == State.FAILED and outcome.reason in self.options.suppress_reasons:
             # a hard bounce at send time: no campaign should try this address again
-            self.ledger.add_suppression(
-                claim.address, reason=outcome.reason, source="smtp", campaign_id=claim.campaign_id
+            self._writes.append(
+                self._commits.submit(
+                    Suppress(claim.address, outcome.reason, "smtp", claim.campaign_id)
+                )
             )
         self.stats.outcomes[outcome.state.value] += 1
         if outcome.reason and outcome.state != State.ACCEPTED:
             self.stats.reasons[outcome.reason] += 1
         if outcome.state == State.ACCEPTED:
             self.stats.tls[outcome.tls_version or "none"] += 1
+        return committed
 
     def _next_attempt(self, claim: Claim) -> datetime | None:
         """When to try again (exponential backoff), or None once the retry window is over."""
@@ -513,8 +526,13 @@ class DeliveryRun:
                     rendered.envelope_from or self.options.sender,
                     claim.address,
                     rendered.data,
-                    before_data=partial(self.ledger.mark_sending, claim),
+                    before_body=self._before_body(claim),
                 )
+            except ClaimLost:
+                # the lease went to another worker before the body left: not ours to record
+                self._done.add(claim.delivery_id)
+                self.stats.outcomes["claim_lost"] += 1
+                return
             except SessionLost as exc:
                 if exc.after_data:
                     self._record(
@@ -539,10 +557,23 @@ class DeliveryRun:
             if not session.is_open:
                 return
 
+    def _before_body(self, claim: Claim) -> Callable[[], Awaitable[bool]]:
+        async def mark() -> bool:
+            if claim.delivery_id in self._marked:
+                return True  # marked on a connection that broke before the body left
+            assert self._commits is not None
+            owned = await self._commits.submit(MarkSending(claim))
+            if owned:
+                self._marked.add(claim.delivery_id)
+            return owned
+
+        return mark
+
     # ---- entry point -------------------------------------------------------------------
 
     async def run(self, claims: Sequence[Claim]) -> DeliveryStats:
         started = time.perf_counter()
+        self._commits = GroupCommitter(self.ledger)
         try:
             by_domain: dict[str, list[Claim]] = {}
             for claim in claims:
@@ -570,7 +601,9 @@ class DeliveryRun:
                 for _ in range(max(1, min(self.options.connections_per_host, wanted))):
                     workers.append(self._worker(group))
             await asyncio.gather(*workers)
+            await asyncio.gather(*self._writes)  # every outcome durable before we return
         finally:
+            await self._commits.close()
             leftover = [c for c in claims if c.delivery_id not in self._done]
             if leftover:
                 self.ledger.release(leftover)

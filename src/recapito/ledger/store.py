@@ -229,6 +229,77 @@ _MARK_SENDING = (
 )
 
 
+_RECORDABLE = SEND_OUTCOMES | {State.UNCERTAIN, State.EXPIRED}
+
+
+@dataclass(frozen=True)
+class MarkSending:
+    """The body of a claimed delivery is about to leave (committed before it does)."""
+
+    claim: Claim
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """The verdict of a send attempt, with its event."""
+
+    claim: Claim
+    outcome: Outcome
+    source: str = "smtp"
+
+
+@dataclass(frozen=True)
+class Suppress:
+    """An address no campaign should try again (e.g. a hard bounce at send time)."""
+
+    address: str
+    reason: str
+    source: str
+    campaign_id: int | None = None
+
+
+LedgerOp = MarkSending | RecordOutcome | Suppress
+
+
+def _outcome_values(op: RecordOutcome, now: datetime) -> dict[str, Any]:
+    outcome = op.outcome
+    return {
+        "b_id": op.claim.delivery_id,
+        "b_token": op.claim.token,
+        "state": outcome.state.value,
+        "mx_host": outcome.mx_host,
+        "reply_code": outcome.reply_code,
+        "reply_status": outcome.reply_status,
+        "reply_text": outcome.reply_text,
+        "reason": outcome.reason,
+        "permanence": outcome.permanence,
+        "tls_version": outcome.tls_version,
+        "tls_cipher": outcome.tls_cipher,
+        "tls_level": outcome.tls_level,
+        "next_attempt_at": outcome.next_attempt_at,
+        "lease_until": None,
+        "updated_at": now,
+        "message_id": outcome.message_id,
+    }
+
+
+def _outcome_event(op: RecordOutcome, now: datetime, *, late: bool) -> dict[str, Any]:
+    outcome = op.outcome
+    data = {k: v for k, v in asdict(outcome).items() if v is not None and k != "state"}
+    data["attempt"] = op.claim.attempt
+    if late:
+        data["late"] = True
+    return {
+        "campaign_id": op.claim.campaign_id,
+        "delivery_id": op.claim.delivery_id,
+        "kind": _EVENT_KIND[outcome.state],
+        "at": now,
+        "source": op.source,
+        "data_json": json.dumps(data, default=str, sort_keys=True),
+        "raw_ref": None,
+    }
+
+
 class Ledger:
     def __init__(self, url: str, *, run_migrations: bool = True) -> None:
         self.url = url
@@ -550,12 +621,7 @@ class Ledger:
 
     def mark_sending(self, claim: Claim) -> bool:
         """Commit that the body of this claimed delivery is about to go out."""
-        with self._tx() as conn:
-            result = conn.execute(
-                _MARK_SENDING,
-                {"b_id": claim.delivery_id, "b_token": claim.token, "b_now": utcnow()},
-            )
-        return result.rowcount == 1
+        return self.apply([MarkSending(claim)])[0]
 
     def claim_chunk(
         self, campaign_id: int, chunk: int, *, worker: str, lease: timedelta = timedelta(minutes=30)
@@ -626,46 +692,35 @@ class Ledger:
         Returns False when the claim is no longer ours (lease expired and the row was
         marked uncertain meanwhile): the outcome is then kept as an event only.
         """
-        if outcome.state not in SEND_OUTCOMES | {State.UNCERTAIN, State.EXPIRED}:
-            raise LedgerError(f"{outcome.state} is not an outcome of a send attempt")
+        return self.apply([RecordOutcome(claim, outcome, source)])[0]
+
+    def apply(self, ops: Sequence[LedgerOp]) -> list[bool]:
+        """Several writes of the delivery hot path in one transaction (a group commit).
+
+        Each operation keeps its own meaning and answer: ``MarkSending`` and
+        ``RecordOutcome`` say whether the claim was still ours, ``Suppress`` whether
+        the address was new to the list. Nothing is visible before the commit.
+        """
+        for op in ops:
+            if isinstance(op, RecordOutcome) and op.outcome.state not in _RECORDABLE:
+                raise LedgerError(f"{op.outcome.state} is not an outcome of a send attempt")
         now = utcnow()
-        values: dict[str, Any] = {
-            "b_id": claim.delivery_id,
-            "b_token": claim.token,
-            "state": outcome.state.value,
-            "mx_host": outcome.mx_host,
-            "reply_code": outcome.reply_code,
-            "reply_status": outcome.reply_status,
-            "reply_text": outcome.reply_text,
-            "reason": outcome.reason,
-            "permanence": outcome.permanence,
-            "tls_version": outcome.tls_version,
-            "tls_cipher": outcome.tls_cipher,
-            "tls_level": outcome.tls_level,
-            "next_attempt_at": outcome.next_attempt_at,
-            "lease_until": None,
-            "updated_at": now,
-            "message_id": outcome.message_id,
-        }
-        event_data = {k: v for k, v in asdict(outcome).items() if v is not None and k != "state"}
-        event_data["attempt"] = claim.attempt
+        answers: list[bool] = []
+        event_rows: list[dict[str, Any]] = []
         with self._tx() as conn:
-            owned = conn.execute(_RECORD_OUTCOME, values).rowcount == 1
-            if not owned:
-                event_data["late"] = True
-            conn.execute(
-                _INSERT_EVENT,
-                {
-                    "campaign_id": claim.campaign_id,
-                    "delivery_id": claim.delivery_id,
-                    "kind": _EVENT_KIND[outcome.state],
-                    "at": now,
-                    "source": source,
-                    "data_json": json.dumps(event_data, default=str, sort_keys=True),
-                    "raw_ref": None,
-                },
-            )
-        return owned
+            for op in ops:
+                if isinstance(op, MarkSending):
+                    params = {"b_id": op.claim.delivery_id, "b_token": op.claim.token, "b_now": now}
+                    answers.append(conn.execute(_MARK_SENDING, params).rowcount == 1)
+                elif isinstance(op, RecordOutcome):
+                    owned = conn.execute(_RECORD_OUTCOME, _outcome_values(op, now)).rowcount == 1
+                    answers.append(owned)
+                    event_rows.append(_outcome_event(op, now, late=not owned))
+                else:
+                    answers.append(self._suppress(conn, op, now))
+            if event_rows:
+                conn.execute(_INSERT_EVENT, event_rows)
+        return answers
 
     def release(self, claims: Sequence[Claim]) -> int:
         """Give back claims that were never attempted (no byte of the message left us)."""
@@ -758,20 +813,22 @@ class Ledger:
     def add_suppression(
         self, address: str, *, reason: str, source: str, campaign_id: int | None = None
     ) -> bool:
-        key = address.strip().lower()
-        with self._tx() as conn:
-            result = conn.execute(
-                _insert_ignore(conn, suppressions)
-                .values(
-                    address=key,
-                    reason=reason,
-                    source=source,
-                    campaign_id=campaign_id,
-                    created_at=utcnow(),
-                )
-                .returning(suppressions.c.address)
+        return self.apply([Suppress(address, reason, source, campaign_id)])[0]
+
+    @staticmethod
+    def _suppress(conn: Connection, op: Suppress, now: datetime) -> bool:
+        result = conn.execute(
+            _insert_ignore(conn, suppressions)
+            .values(
+                address=op.address.strip().lower(),
+                reason=op.reason,
+                source=op.source,
+                campaign_id=op.campaign_id,
+                created_at=now,
             )
-            return result.first() is not None
+            .returning(suppressions.c.address)
+        )
+        return result.first() is not None
 
     def suppressed_among(self, addresses: Iterable[str]) -> set[str]:
         """The subset of ``addresses`` (compared case-insensitively) that is suppressed."""
