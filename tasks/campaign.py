@@ -105,3 +105,61 @@ def build_report(name: str, finish: bool = False) -> dict[str, Any]:
         return campaign_report(ledger, name)
     finally:
         ledger.close()
+
+
+# ---- retry-deferred -------------------------------------------------------------------------
+
+
+@task(name="find-due-retries", retries=2, retry_condition_fn=transient_only)
+def find_due_retries(campaign: str | None = None) -> dict[str, Any]:
+    """The campaigns with deferred mail due now (``targets``) and those skipped, with why."""
+    targets, skipped = core.due_retry_targets(Settings.load(), campaign)
+    return {
+        "targets": [
+            {
+                "name": t.name,
+                "params": t.params,
+                "campaign_key": t.campaign_key,
+                "template_hash": t.template_hash,
+                "chunks": t.chunks,
+            }
+            for t in targets
+        ],
+        "skipped": skipped,
+    }
+
+
+def retry_cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Like ``chunk_cache_key``, plus the flow run: a retried or restarted retry-deferred
+    run skips the chunks it already did, but a later scheduled run never reuses them."""
+    params: core.CampaignParams = parameters["params"]
+    return (
+        f"recapito:{params.name}:{parameters['campaign_key']}:email:{parameters['chunk']}:"
+        f"{parameters['template_hash']}:retry:{parameters['work_token']}:{ctx.task_run.flow_run_id}"
+    )
+
+
+@task(
+    name="retry-chunk",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient_only,
+    cache_key_fn=retry_cache_key,
+    persist_result=True,
+    task_run_name="retry-{params.name}-chunk-{chunk}",
+)
+def retry_chunk(
+    params: core.CampaignParams,
+    chunk: int,
+    campaign_key: str,
+    template_hash: str,
+    work_token: str,
+) -> dict[str, Any]:
+    """Send the due deferred rows of one chunk, through the same engine and ledger path
+    as the campaign run; planned, sent and uncertain rows are never taken."""
+    return core.deliver_chunk(params, chunk, Settings.load(), only_deferred=True)
+
+
+@task(name="finish-retries", retries=2, retry_condition_fn=transient_only)
+def finish_retries(names: list[str]) -> dict[str, str]:
+    return core.finish_retries(Settings.load(), names)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import re
 import socket
@@ -53,7 +54,14 @@ class CampaignParams(BaseModel):
     mapping: str | None = Field(None, description="e.g. email=mail,phone=cellulare")
     encoding: str | None = Field(None, description="CSV encoding (detected when empty)")
     delimiter: str | None = Field(None, description="CSV delimiter (detected when empty)")
-    chunk_size: int = Field(1000, ge=10, le=50_000, description="Recipients per chunk task")
+    chunk_size: int | None = Field(
+        None,
+        ge=10,
+        le=50_000,
+        description="Recipients per chunk task. Empty = automatic: max(1,000, "
+        "ceil(recipients / 1,500)), at most 50,000, so that even a very large campaign "
+        "stays well under 2,000 task runs (500,000 recipients: 500 chunks)",
+    )
     parallel_chunks: int = Field(4, ge=1, le=64, description="Chunk tasks running at once")
     connections_per_host: int = Field(4, ge=1, le=50, description="Connections per MX host")
     messages_per_connection: int = Field(200, ge=1, le=10_000)
@@ -129,6 +137,23 @@ class Prepared:
     counts: dict[str, Any]
     audience_path: str
     template_hash: str
+
+
+AUTO_CHUNK_MIN = 1_000
+AUTO_CHUNK_MAX = 50_000
+AUTO_CHUNK_TARGET = 1_500  # chunks at most, while the chunk size stays within its bounds
+
+
+def chunk_size_for(recipients: int, chunk_size: int | None = None) -> int:
+    """Recipients per chunk: the explicit ``chunk_size``, or the automatic size.
+
+    Automatic: at least ``AUTO_CHUNK_MIN`` (a task run costs ~20–30 ms of orchestration,
+    DESIGN §4), and large enough that the campaign has at most ``AUTO_CHUNK_TARGET``
+    chunks, up to ``AUTO_CHUNK_MAX`` recipients per chunk.
+    """
+    if chunk_size:
+        return chunk_size
+    return min(AUTO_CHUNK_MAX, max(AUTO_CHUNK_MIN, math.ceil(recipients / AUTO_CHUNK_TARGET)))
 
 
 def campaign_dir(settings: Settings, name: str) -> Path:
@@ -280,8 +305,9 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             loaded = load(_source(params))
             # given the whole Loaded, target() also counts the unreadable rows as rejections
             targeted = target(loaded, params.mapping, params.filter, ledger.suppressed_among)
+            size = chunk_size_for(targeted.audience.height, params.chunk_size)
             audience = targeted.audience.with_columns(
-                (pl.int_range(0, pl.len()) // params.chunk_size).cast(pl.Int32).alias("_chunk")
+                (pl.int_range(0, pl.len()) // size).cast(pl.Int32).alias("_chunk")
             )
             _check_class_column(params, audience.columns)
             template.check_variables(audience.columns)
@@ -303,6 +329,7 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             # the rows refused, with line numbers and reasons, for whoever fixes the source
             targeted.rejected.write_csv(out / "rejected.csv")
             counts = dict(targeted.counts)
+            counts["chunk_size"] = size
         ledger.expire_stale_claims(campaign.id)
         planned = (
             PlannedDelivery(str(cid), str(addr), str(dom), int(ch))
@@ -351,15 +378,22 @@ def chunk_renderer(
     return render
 
 
-def deliver_chunk(params: CampaignParams, chunk: int, settings: Settings) -> dict[str, Any]:
-    """Claim one chunk and send it; returns the chunk's outcome counts."""
+def deliver_chunk(
+    params: CampaignParams, chunk: int, settings: Settings, *, only_deferred: bool = False
+) -> dict[str, Any]:
+    """Claim one chunk and send it; returns the chunk's outcome counts.
+
+    With ``only_deferred`` just the chunk's deferred rows that are due are taken (the
+    retry-deferred flow), never its planned ones."""
     template = load_template(params.template)
     ledger = Ledger(settings.db_url, run_migrations=False)
     try:
         campaign = ledger.get_campaign(params.name)
         if campaign is None:
             raise InputError(f"campaign {params.name!r} is not prepared")
-        claims = ledger.claim_chunk(campaign.id, chunk, worker=_worker_name())
+        claims = ledger.claim_chunk(
+            campaign.id, chunk, worker=_worker_name(), only_deferred=only_deferred
+        )
         if not claims:
             return {"chunk": chunk, "claimed": 0, "outcomes": {}}
         audience_path = campaign_dir(settings, params.name) / "audience.parquet"
@@ -423,3 +457,87 @@ def due_retries(
     if latest is not None:
         wait = max(0.0, (latest - utcnow()).total_seconds())
     return {"chunks": chunks, "wait_seconds": wait}
+
+
+# ---- retry-deferred (the scheduled flow that retries deferred mail of every campaign) ----
+
+
+@dataclass(frozen=True)
+class RetryTarget:
+    """One campaign with deferred mail due now: its parameters as it was created with,
+    and its chunks holding such mail (chunk -> token of those rows)."""
+
+    name: str
+    params: CampaignParams
+    campaign_key: str
+    template_hash: str
+    chunks: dict[int, str]
+
+
+def due_retry_targets(
+    settings: Settings, campaign: str | None = None
+) -> tuple[list[RetryTarget], dict[str, str]]:
+    """The campaigns (all, or just ``campaign``) with deferred mail due now.
+
+    Returns the targets and the campaigns skipped with the reason: one whose template
+    changed since it was created is never retried (the mail would differ from what the
+    rest of its recipients got); its deferred rows wait for the operator.
+    """
+    ledger = Ledger(settings.db_url, run_migrations=False)
+    targets: list[RetryTarget] = []
+    skipped: dict[str, str] = {}
+    try:
+        if campaign is None:
+            found = [ledger.campaign_by_id(i) for i in ledger.campaigns_with_due_deferred()]
+        else:
+            one = ledger.get_campaign(campaign)
+            if one is None:
+                raise InputError(f"no campaign named {campaign!r} in the ledger")
+            found = [one]
+        for camp in found:
+            chunks, _latest = ledger.due_deferred(camp.id, timedelta(0))
+            if not chunks:
+                continue
+            try:
+                params = CampaignParams.model_validate(camp.params)
+                digest = load_template(params.template).digest
+            except Exception as exc:  # bad stored parameters, template gone or broken
+                skipped[camp.name] = f"cannot load its parameters or template: {exc}"
+                continue
+            if digest != camp.template_hash:
+                skipped[camp.name] = "its template changed since the campaign was created"
+                continue
+            targets.append(
+                RetryTarget(
+                    name=camp.name,
+                    params=params,
+                    campaign_key=f"{camp.id}@{camp.created_at.isoformat()}",
+                    template_hash=camp.template_hash,
+                    chunks=chunks,
+                )
+            )
+    finally:
+        ledger.close()
+    return targets, skipped
+
+
+def finish_retries(settings: Settings, names: list[str]) -> dict[str, str]:
+    """After a retry pass: a campaign waiting for retries whose mail is all settled is
+    ``completed``. Campaigns in any other status (a run in progress) are left alone."""
+    ledger = Ledger(settings.db_url, run_migrations=False)
+    statuses: dict[str, str] = {}
+    try:
+        for name in names:
+            camp = ledger.get_campaign(name)
+            if camp is None:
+                continue
+            status = camp.status
+            if status == "waiting_retry":
+                states = ledger.state_counts(camp.id)
+                if not any(states.get(s, 0) for s in ("planned", "claimed", "sending", "deferred")):
+                    status = "completed"
+                    ledger.update_campaign(camp.id, status=status)
+            statuses[name] = status
+    finally:
+        ledger.close()
+    return statuses

@@ -111,7 +111,12 @@ def prefect_environment(home: Path) -> None:
 @click.option("--query", default=None, help="SQL query when --contacts is a database URL.")
 @click.option("--encoding", default=None, help="CSV encoding (detected when omitted).")
 @click.option("--delimiter", default=None, help="CSV delimiter (detected when omitted).")
-@click.option("--chunk-size", default=1000, show_default=True, type=int)
+@click.option(
+    "--chunk-size",
+    default=None,
+    type=int,
+    help="Recipients per chunk task (default: automatic, at most 1,500 chunks).",
+)
 @click.option("--parallel-chunks", default=4, show_default=True, type=int)
 @click.option(
     "--tls-policy",
@@ -156,7 +161,7 @@ def campaign_run(
     query: str | None,
     encoding: str | None,
     delimiter: str | None,
-    chunk_size: int,
+    chunk_size: int | None,
     parallel_chunks: int,
     tls_policy: str,
     message_class_column: str | None,

@@ -624,15 +624,27 @@ class Ledger:
         return self.apply([MarkSending(claim)])[0]
 
     def claim_chunk(
-        self, campaign_id: int, chunk: int, *, worker: str, lease: timedelta = timedelta(minutes=30)
+        self,
+        campaign_id: int,
+        chunk: int,
+        *,
+        worker: str,
+        lease: timedelta = timedelta(minutes=30),
+        only_deferred: bool = False,
     ) -> list[Claim]:
         """Claim every sendable row of a chunk with one conditional UPDATE.
 
-        Only ``planned`` rows and ``deferred`` rows that are due are taken; a row claimed by
-        someone else is never taken, so two workers can never send the same delivery.
+        Only ``planned`` rows and ``deferred`` rows that are due are taken (with
+        ``only_deferred``, just the due deferred rows); a row claimed by someone else is
+        never taken, so two workers can never send the same delivery.
         """
         now = utcnow()
         token = uuid.uuid4().hex
+        due = sa.and_(
+            deliveries.c.state == State.DEFERRED.value,
+            deliveries.c.next_attempt_at <= now,
+        )
+        sendable = due if only_deferred else sa.or_(deliveries.c.state == State.PLANNED.value, due)
         with self._tx() as conn:
             conn.execute(
                 deliveries.update()
@@ -640,13 +652,7 @@ class Ledger:
                     sa.and_(
                         deliveries.c.campaign_id == campaign_id,
                         deliveries.c.chunk == chunk,
-                        sa.or_(
-                            deliveries.c.state == State.PLANNED.value,
-                            sa.and_(
-                                deliveries.c.state == State.DEFERRED.value,
-                                deliveries.c.next_attempt_at <= now,
-                            ),
-                        ),
+                        sendable,
                     )
                 )
                 .values(
@@ -784,6 +790,23 @@ class Ledger:
         due = [d for d in (as_utc(r[1]) for r in rows) if d is not None]
         latest = max(due) if due else None
         return {int(r[0]): f"{r[2]}-{r[3]}-{r[4]}" for r in rows}, latest
+
+    def campaigns_with_due_deferred(self, within: timedelta = timedelta(0)) -> list[int]:
+        """Ids of the campaigns holding deferred rows due before now + ``within``."""
+        horizon = utcnow() + within
+        query = (
+            sa.select(deliveries.c.campaign_id)
+            .where(
+                sa.and_(
+                    deliveries.c.state == State.DEFERRED.value,
+                    deliveries.c.next_attempt_at <= horizon,
+                )
+            )
+            .distinct()
+            .order_by(deliveries.c.campaign_id)
+        )
+        with self.engine.connect() as conn:
+            return [int(r[0]) for r in conn.execute(query)]
 
     def add_event(
         self,
