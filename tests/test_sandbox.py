@@ -559,7 +559,8 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
         "RECAPITO_HTTPS_PORT": str(sandbox.https_port),
     }
     assert {k: env.get(k) for k in expected} == expected
-    assert set(env) - set(expected) <= {"RECAPITO_DANE_RESOLVER"}  # when DNSSEC tools exist
+    # the DANE resolver when DNSSEC tools exist; the demo sender's DKIM keys
+    assert set(env) - set(expected) <= {"RECAPITO_DANE_RESOLVER", "RECAPITO_DKIM_KEYS"}
     assert json.loads(sandbox.settings_path.read_text()) == env
     settings = Settings.load(env={"RECAPITO_HOME": str(sandbox.home)})
     assert settings.dns == sandbox.dns_address

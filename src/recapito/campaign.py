@@ -28,6 +28,7 @@ from recapito.contacts.sources import ContactSource, load
 from recapito.contacts.targeting import target
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun, DeliveryStats
 from recapito.errors import InputError
+from recapito.identity import SenderIdentity
 from recapito.ledger import Claim, Ledger, PlannedDelivery
 from recapito.ledger.store import utcnow
 from recapito.render.template import (
@@ -284,6 +285,7 @@ def preflight(params: CampaignParams) -> None:
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
     """Target, check the template against the data, plan the ledger rows."""
     template = load_template(params.template)  # fails before anything else on a bad template
+    SenderIdentity.from_settings(settings)  # a bad DKIM or VERP key stops it here too
     out = campaign_dir(settings, params.name)
     audience_path = out / "audience.parquet"
     ledger = Ledger(settings.db_url)
@@ -357,14 +359,19 @@ def _worker_name() -> str:
 
 
 def chunk_renderer(
-    template: CompiledTemplate, audience: pl.DataFrame, params: CampaignParams
+    template: CompiledTemplate,
+    audience: pl.DataFrame,
+    params: CampaignParams,
+    identity: SenderIdentity | None = None,
 ) -> Any:
+    """Renders one delivery; with ``identity`` the message also gets its signed VERP
+    return path (MAIL FROM) and, when the sender's domain has a key, a DKIM signature."""
     rows = {str(r["contact_id"]): r for r in audience.drop("_chunk").to_dicts()}
 
     def render(claim: Claim) -> RenderedMessage:
         context = rows.get(claim.contact_id, {})
         msg_id = message_id_for(params.name, claim.delivery_id, params.sender_domain)
-        return template.render(
+        message = template.render(
             {**context, "campaign": params.name},
             sender=params.sender,
             recipient=claim.address,
@@ -374,6 +381,9 @@ def chunk_renderer(
                 "X-Recapito-Delivery": str(claim.delivery_id),
             },
         )
+        if identity is None:
+            return message
+        return identity.apply(message, claim.delivery_id, params.sender)
 
     return render
 
@@ -398,7 +408,9 @@ def deliver_chunk(
             return {"chunk": chunk, "claimed": 0, "outcomes": {}}
         audience_path = campaign_dir(settings, params.name) / "audience.parquet"
         audience = pl.read_parquet(audience_path).filter(pl.col("_chunk") == chunk)
-        renderer = chunk_renderer(template, audience, params)
+        renderer = chunk_renderer(
+            template, audience, params, SenderIdentity.from_settings(settings)
+        )
         policies = recipient_policies(settings, store=ledger)
         stats = DeliveryStats()
         for label, part in _claims_by_policy(claims, audience, params).items():

@@ -9,6 +9,12 @@
 ``RECAPITO_HTTPS_PORT``  port of MTA-STS policy hosts (default 443)
 ``RECAPITO_DANE_RESOLVER`` ``HOST:PORT`` of a local validating resolver whose AD bit is trusted;
                          when set, every lookup goes through it and DANE is checked
+``RECAPITO_VERP_KEYS``   ``id:secret,id:secret`` keys of the signed VERP return path (the first
+                         signs, all verify); secret, never logged
+``RECAPITO_VERP_KEYS_FILE`` a file of ``id:secret`` lines, instead of the variable; with
+                         neither, a key is generated in ``$RECAPITO_HOME/secrets/verp-keys`` (0600)
+``RECAPITO_BOUNCE_DOMAIN`` domain of the VERP return path (default: the sender's domain)
+``RECAPITO_DKIM_KEYS``   ``domain:selector:/path/key.pem`` entries (comma-separated): DKIM keys
 
 ``recapito sandbox up`` writes ``$RECAPITO_HOME/sandbox/settings.json`` with the values that
 point the CLI and the flows at the local mail world; explicit environment variables win.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from recapito.errors import ConfigError
@@ -32,6 +38,10 @@ SETTING_NAMES = (
     "RECAPITO_HELO_NAME",
     "RECAPITO_HTTPS_PORT",
     "RECAPITO_DANE_RESOLVER",
+    "RECAPITO_VERP_KEYS",
+    "RECAPITO_VERP_KEYS_FILE",
+    "RECAPITO_BOUNCE_DOMAIN",
+    "RECAPITO_DKIM_KEYS",
 )
 
 
@@ -103,6 +113,10 @@ class Settings:
     helo_name: str
     https_port: int = 443
     dane_resolver: tuple[str, int] | None = None
+    verp_keys: str | None = field(default=None, repr=False)  # secret
+    verp_keys_file: Path | None = None
+    bounce_domain: str | None = None
+    dkim_keys: str | None = None
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> Settings:
@@ -134,6 +148,17 @@ class Settings:
             raise ConfigError(f"RECAPITO_HTTPS_PORT={https_text!r}: expected a TCP port number")
         dane_text = merged.get("RECAPITO_DANE_RESOLVER")
         dane = parse_hostport(dane_text, "RECAPITO_DANE_RESOLVER") if dane_text else None
+        verp_file_text = merged.get("RECAPITO_VERP_KEYS_FILE")
+        verp_file = Path(verp_file_text) if verp_file_text else None
+        if verp_file is not None and not verp_file.is_file():
+            raise ConfigError(f"RECAPITO_VERP_KEYS_FILE={verp_file_text}: no such file")
+        bounce_domain = (merged.get("RECAPITO_BOUNCE_DOMAIN") or "").strip().lower() or None
+        if bounce_domain is not None and (
+            "." not in bounce_domain
+            or "@" in bounce_domain
+            or any(c.isspace() for c in bounce_domain)
+        ):
+            raise ConfigError(f"RECAPITO_BOUNCE_DOMAIN={bounce_domain!r}: expected a domain name")
         return cls(
             home=home,
             db_url=db_url,
@@ -143,4 +168,8 @@ class Settings:
             helo_name=helo,
             https_port=int(https_text),
             dane_resolver=dane,
+            verp_keys=merged.get("RECAPITO_VERP_KEYS") or None,
+            verp_keys_file=verp_file,
+            bounce_domain=bounce_domain,
+            dkim_keys=merged.get("RECAPITO_DKIM_KEYS") or None,
         )

@@ -46,6 +46,7 @@ from recapito.sandbox.certs import (
     ensure_certificates,
     ensure_policy_host_certificates,
 )
+from recapito.sandbox.dkimkeys import SandboxDkimKey, dkim_setting, ensure_dkim_keys
 from recapito.sandbox.dns import DNSProcessSpec, ZoneRecord, query
 from recapito.sandbox.https import HTTPSProcessSpec
 from recapito.sandbox.maildir import StoredMessage, read_maildirs
@@ -326,6 +327,7 @@ class Sandbox:
         self._want_https_port = https_port or None
         self._https_port: int | None = self._want_https_port
         self._policy_certs: dict[str, KeyPair] = {}
+        self._dkim_keys: list[SandboxDkimKey] = []  # the demo sender's, published in DNS
         self._children: list[_Child] = []
         self._pki: SandboxPKI | None = None
         self._dane_port: int | None = None  # unbound, when the DNSSEC tools are installed
@@ -406,6 +408,8 @@ class Sandbox:
         }
         if self._dane_port:
             settings["RECAPITO_DANE_RESOLVER"] = f"{DNS_ADDRESS}:{self._dane_port}"
+        if self._dkim_keys:
+            settings["RECAPITO_DKIM_KEYS"] = dkim_setting(self._dkim_keys)
         return settings
 
     def messages(self) -> list[StoredMessage]:
@@ -448,6 +452,7 @@ class Sandbox:
         try:
             self._pki = ensure_certificates(self.sandbox_dir)
             self._policy_certs = ensure_policy_host_certificates(self.sandbox_dir)
+            self._dkim_keys = ensure_dkim_keys(self.sandbox_dir)
         except (OSError, ValueError) as exc:
             raise SandboxError(
                 f"cannot create sandbox certificates in {self.sandbox_dir}: {exc}"
@@ -562,7 +567,10 @@ class Sandbox:
             port=self.dns_port,
             parent_pid=owner,
             catch_all=self.catch_all,
-            extra=tuple((r.name, r.rtype, r.value, r.ttl) for r in self.extra_records),
+            extra=tuple(
+                (r.name, r.rtype, r.value, r.ttl)
+                for r in (*(k.record() for k in self._dkim_keys), *self.extra_records)
+            ),
         )
         self._spawn("dns", "recapito.sandbox.dns", dns_spec.to_json())
         self._launch_dnssec(owner)

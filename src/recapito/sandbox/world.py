@@ -13,6 +13,14 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
+# The demo sender's domain (``make demo`` sends as comunicazioni@banca-esempio.test). The
+# sandbox makes a DKIM key per selector for it and publishes the public keys in its DNS.
+SENDER_DOMAIN = "banca-esempio.test"
+SENDER_DKIM_SELECTORS: tuple[tuple[str, Literal["rsa-sha256", "ed25519-sha256"]], ...] = (
+    ("sandbox-rsa", "rsa-sha256"),
+    ("sandbox-ed25519", "ed25519-sha256"),
+)
+
 Posture = Literal[
     "tls13",  # TLS 1.3, certificate from the sandbox CA naming the MX host
     "tls12",  # TLS 1.2 at most, sandbox-CA certificate
