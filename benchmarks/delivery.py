@@ -1,14 +1,27 @@
-"""Delivery throughput: the recapito engine vs. a naive smtplib loop, to one local sink.
+"""Delivery throughput: the recapito engine vs. Postfix and vs. a naive smtplib loop.
 
     .venv/bin/python benchmarks/delivery.py [--messages 3000] [--naive-messages 600]
+                                            [--connections 20]
                                             [--sink auto|smtp-sink|aiosmtpd] [--json]
 
-The sink is Postfix's ``smtp-sink`` when installed (fast, no STARTTLS), otherwise an
-aiosmtpd server in its own process offering STARTTLS. Each message is a ~20 KB HTML
-campaign message rendered from a template. The engine path is the product's: MX lookup
-over a real DNS server (127.0.0.1), claims and one ledger commit per reply (SQLite,
-WAL), pooled connections. The naive baseline renders the same messages and sends each
-over its own smtplib connection, as generic integrations do.
+Each message is a ~20 KB HTML campaign message rendered from a template. Three comparisons,
+in one run (Postfix is installed with apt-get if missing; see ``postfix_baseline.py``):
+
+(a) plain: the engine → the plain sink (Postfix ``smtp-sink`` by default), vs. a private
+    Postfix instance delivering the same messages from its queue to the same sink. (With
+    ``--sink aiosmtpd`` the sink offers STARTTLS, which the engine uses and Postfix,
+    at its default level ``none``, does not: compare on ``smtp-sink``.)
+(b) TLS: the engine → a TLS sink (Postfix ``smtpd`` offering STARTTLS, TLS 1.3 only, a
+    certificate from a private CA the engine trusts via ``extra_ca_file``, proxying every
+    transaction into the plain sink), vs. Postfix delivering to that sink with
+    ``smtp_tls_security_level = secure`` and ``smtp_tls_connection_reuse = yes``.
+(c) naive: smtplib, a new connection and STARTTLS per message, to the TLS sink.
+
+The engine path is the product's and is timed from claim to the last ledger commit: MX
+lookup over a real DNS server (127.0.0.1), rendering, claims and one ledger commit per
+reply (SQLite, WAL), pooled connections. Postfix is timed from releasing its hold queue
+(messages already rendered and queued) to its log showing every delivery as sent; the
+engine and Postfix use the same number of parallel connections (``--connections``).
 """
 
 from __future__ import annotations
@@ -27,33 +40,26 @@ import textwrap
 import time
 from pathlib import Path
 
+from postfix_baseline import PostfixRelay, TLSSink, ensure_postfix, wait_banner
+
 from recapito.delivery.dns import MXResolver
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun
 from recapito.ledger import Claim, Ledger, PlannedDelivery
 from recapito.render.template import load_template, message_id_for
+from recapito.sandbox import world
+from recapito.sandbox.certs import ensure_certificates
 from recapito.sandbox.dns import AuthoritativeServer, Zone, ZoneRecord
 
 DOMAIN = "bench.test"
 MX_HOST = "mx.bench.test"
 SENDER = "news@banca-esempio.test"
+TLS_DOMAIN = "tls.bench.test"  # Postfix's route to the TLS sink; the engine uses MX_HOST
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_banner(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(64).startswith(b"220"):
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"sink on port {port} did not answer")
 
 
 AIOSMTPD_SINK = textwrap.dedent(
@@ -141,10 +147,20 @@ def contexts(n: int) -> list[dict[str, str]]:
     ]
 
 
-def run_engine(n: int, tpl_path: Path, port: int, dns_port: int, workdir: Path) -> float:
+def run_engine(
+    n: int,
+    tpl_path: Path,
+    port: int,
+    dns_port: int,
+    workdir: Path,
+    connections: int,
+    extra_ca_file: Path | None = None,
+    name: str = "bench",
+) -> tuple[float, dict[str, object]]:
+    """Messages per second, and what the run saw (connections, TLS versions, levels)."""
     template = load_template(tpl_path)
-    ledger = Ledger(f"sqlite:///{workdir / 'bench.db'}")
-    camp = ledger.ensure_campaign("bench", sender=SENDER, template_hash=template.digest, params={})
+    ledger = Ledger(f"sqlite:///{workdir / f'{name}.db'}")
+    camp = ledger.ensure_campaign(name, sender=SENDER, template_hash=template.digest, params={})
     ledger.plan(
         camp.id,
         (PlannedDelivery(f"C{i}", f"u{i}@{DOMAIN}", DOMAIN, 0) for i in range(n)),
@@ -162,7 +178,12 @@ def run_engine(n: int, tpl_path: Path, port: int, dns_port: int, workdir: Path) 
         )
 
     options = DeliveryOptions(
-        sender=SENDER, helo_name="bench.banca-esempio.test", mx_port=port, connections_per_host=4
+        sender=SENDER,
+        helo_name="bench.banca-esempio.test",
+        mx_port=port,
+        extra_ca_file=extra_ca_file,
+        connections_per_host=connections,
+        max_connections=max(connections, DeliveryOptions.max_connections),
     )
     started = time.perf_counter()
     claims = ledger.claim_chunk(camp.id, 0, worker="bench")
@@ -170,18 +191,26 @@ def run_engine(n: int, tpl_path: Path, port: int, dns_port: int, workdir: Path) 
     stats = asyncio.run(run.run(claims))
     elapsed = time.perf_counter() - started
     accepted = ledger.state_counts(camp.id).get("accepted", 0)
+    levels = ledger.level_mix(camp.id)
     ledger.close()
     if accepted != n:
         raise SystemExit(f"engine: only {accepted} of {n} accepted: {stats.as_dict()}")
-    return n / elapsed
+    seen: dict[str, object] = {
+        "connections": stats.connections,
+        "tls": dict(stats.tls),
+        "levels": levels,
+    }
+    return n / elapsed, seen
 
 
-def run_naive(n: int, tpl_path: Path, port: int) -> float:
+def run_naive(n: int, tpl_path: Path, port: int, ca_file: Path) -> tuple[float, dict[str, int]]:
+    """smtplib, one connection and one STARTTLS per message; chain verified against the CA
+    (by IP, so without the host name check). Returns msgs/s and TLS versions seen."""
     template = load_template(tpl_path)
     ctx = contexts(n)
-    tls = ssl.create_default_context()
+    tls = ssl.create_default_context(cafile=str(ca_file))
     tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE
+    versions: dict[str, int] = {}
     started = time.perf_counter()
     for i in range(n):
         msg = template.render(
@@ -189,61 +218,168 @@ def run_naive(n: int, tpl_path: Path, port: int) -> float:
         )
         with smtplib.SMTP("127.0.0.1", port, local_hostname="bench.banca-esempio.test") as smtp:
             smtp.ehlo()
+            version = "none"
             if smtp.has_extn("starttls"):
                 smtp.starttls(context=tls)
+                version = str(getattr(smtp.sock, "version", lambda: "?")())
                 smtp.ehlo()
             smtp.sendmail(SENDER, [f"u{i}@{DOMAIN}"], msg.data)
-    return n / (time.perf_counter() - started)
+        versions[version] = versions.get(version, 0) + 1
+    return n / (time.perf_counter() - started), versions
+
+
+def postfix_messages(tpl_path: Path, n: int, domain: str) -> list[tuple[str, str, bytes]]:
+    """The engine's messages, rendered up front, for Postfix's queue."""
+    template = load_template(tpl_path)
+    return [
+        (
+            SENDER,
+            f"u{i}@{domain}",
+            template.render(
+                c,
+                sender=SENDER,
+                recipient=f"u{i}@{domain}",
+                message_id=message_id_for("postfix", i, "banca-esempio.test"),
+            ).data,
+        )
+        for i, c in enumerate(contexts(n))
+    ]
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b else float("nan")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--naive-messages", type=int, default=600)
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=20,
+        help="parallel connections to the sink, for the engine and for Postfix (default 20)",
+    )
     parser.add_argument("--sink", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    n = args.messages
+    ensure_postfix()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        port, dns_port = free_port(), free_port()
+        workdir.chmod(0o755)  # Postfix's unprivileged daemons read config and CA under it
+        port, dns_port, tls_port, submit_port = free_port(), free_port(), free_port(), free_port()
         sink, kind = start_sink(args.sink, port, workdir)
         zone = Zone()
         zone.add(ZoneRecord(DOMAIN, "MX", f"10 {MX_HOST}."))
         zone.add(ZoneRecord(MX_HOST, "A", "127.0.0.1"))
         dns = AuthoritativeServer(zone, "127.0.0.1", dns_port)
+        pki = ensure_certificates(workdir / "pki", [world.MXServer(MX_HOST, "127.0.0.1", "tls13")])
+        leaf = pki.leaves[MX_HOST]
+        tls_sink = TLSSink(workdir / "tlssink", tls_port, port, leaf.cert, leaf.key)
+        relay = PostfixRelay(
+            workdir / "postfix",
+            submit_port,
+            {DOMAIN: f"smtp:[127.0.0.1]:{port}", TLS_DOMAIN: f"smtptls:[127.0.0.1]:{tls_port}"},
+            pki.ca_file,
+            args.connections,
+            MX_HOST,
+        )
         dns.start()
         try:
+            tls_sink.start()
+            relay.start()
             tpl = make_template(workdir)
             size = len(
                 load_template(tpl)
                 .render(contexts(1)[0], sender=SENDER, recipient="u@x.test", message_id="<1@b>")
                 .data
             )
-            engine = run_engine(args.messages, tpl, port, dns_port, workdir)
-            naive = run_naive(args.naive_messages, tpl, port)
+            # (a) plain
+            engine, engine_seen = run_engine(n, tpl, port, dns_port, workdir, args.connections)
+            relay.inject(postfix_messages(tpl, n, DOMAIN))
+            postfix = relay.deliver_held(n)
+            # (b) TLS
+            mark = tls_sink.log_offset()
+            tls_engine, tls_engine_seen = run_engine(
+                n, tpl, tls_port, dns_port, workdir, args.connections, pki.ca_file, "bench-tls"
+            )
+            time.sleep(0.5)  # the sink's log is written asynchronously (postlogd)
+            sink_engine_tls = tls_sink.tls_versions(mark)
+            if tls_engine_seen["tls"] != {"TLSv1.3": n}:
+                raise SystemExit(f"engine → TLS sink did not use TLS 1.3: {tls_engine_seen}")
+            relay.inject(postfix_messages(tpl, n, TLS_DOMAIN))
+            mark = tls_sink.log_offset()
+            tls_postfix = relay.deliver_held(n)
+            time.sleep(0.5)
+            sink_postfix_tls = tls_sink.tls_versions(mark)
+            if not tls_postfix.tls or set(tls_postfix.tls) != {"Verified TLSv1.3"}:
+                raise SystemExit(f"Postfix → TLS sink: unexpected TLS {tls_postfix.tls}")
+            # (c) naive
+            mark = tls_sink.log_offset()
+            naive, naive_tls = run_naive(args.naive_messages, tpl, tls_port, pki.ca_file)
+            time.sleep(0.5)
+            sink_naive_tls = tls_sink.tls_versions(mark)
         finally:
+            relay.stop()
+            tls_sink.stop()
             dns.stop()
             sink.terminate()
             sink.wait(10)
     figures = {
         "engine_msgs_per_s": round(engine, 1),
+        "postfix_msgs_per_s": round(postfix.msgs_per_s, 1),
+        "ratio_vs_postfix": ratio(engine, postfix.msgs_per_s),
+        "tls_engine_msgs_per_s": round(tls_engine, 1),
+        "tls_postfix_msgs_per_s": round(tls_postfix.msgs_per_s, 1),
+        "tls_ratio_vs_postfix": ratio(tls_engine, tls_postfix.msgs_per_s),
         "naive_msgs_per_s": round(naive, 1),
-        "ratio_vs_naive": round(engine / naive, 2),
-        "messages": args.messages,
+        "ratio_vs_naive": ratio(tls_engine, naive),
+        "messages": n,
         "naive_messages": args.naive_messages,
+        "connections": args.connections,
         "message_bytes": size,
         "sink": kind,
+        "tls_sink": "postfix smtpd (STARTTLS, TLS 1.3 only) -> smtpd_proxy_filter -> " + kind,
+        "engine_connections": engine_seen["connections"],
+        "tls_engine_connections": tls_engine_seen["connections"],
+        "tls_engine_levels": tls_engine_seen["levels"],
+        "tls_sink_handshakes": {
+            "engine": sink_engine_tls,
+            "postfix": sink_postfix_tls,
+            "naive": sink_naive_tls,
+        },
+        "tls_postfix_handshakes": tls_postfix.tls,
+        "naive_tls": naive_tls,
     }
     if args.json:
         print(json.dumps(figures))
-    else:
-        print(f"sink: {kind}; message size {size:,} bytes")
-        print(f"engine  {engine:8.1f} msgs/s  ({args.messages} messages, ledger commits included)")
-        print(
-            f"naive   {naive:8.1f} msgs/s  ({args.naive_messages} messages, smtplib, "
-            "one connection each)"
-        )
-        print(f"ratio   {engine / naive:8.2f}x")
+        return 0
+    print(f"message size {size:,} bytes; {n} messages; {args.connections} connections")
+    print(f"(a) plain sink: {kind}")
+    print(
+        f"  engine        {engine:8.1f} msgs/s  (ledger commits included; "
+        f"{engine_seen['connections']} connections)"
+    )
+    print(
+        f"  postfix       {postfix.msgs_per_s:8.1f} msgs/s  (queue → sink, {postfix.seconds:.2f} s)"
+    )
+    print(f"  engine/postfix {figures['ratio_vs_postfix']:7.2f}x")
+    print(f"(b) TLS sink: {figures['tls_sink']}")
+    print(
+        f"  engine        {tls_engine:8.1f} msgs/s  (verified: {tls_engine_seen['levels']}; "
+        f"sink saw {sink_engine_tls} handshakes)"
+    )
+    print(
+        f"  postfix       {tls_postfix.msgs_per_s:8.1f} msgs/s  (secure, connection reuse; "
+        f"sink saw {sink_postfix_tls} handshakes)"
+    )
+    print(f"  engine/postfix {figures['tls_ratio_vs_postfix']:7.2f}x")
+    print(
+        f"(c) naive       {naive:8.1f} msgs/s  ({args.naive_messages} messages, smtplib, "
+        f"new connection + STARTTLS each; sink saw {sink_naive_tls} handshakes)"
+    )
+    print(f"  TLS engine/naive {figures['ratio_vs_naive']:6.2f}x")
     return 0
 
 
