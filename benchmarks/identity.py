@@ -28,12 +28,17 @@ from recapito.sandbox.world import SENDER_DOMAIN
 SENDER = f"comunicazioni@{SENDER_DOMAIN}"
 
 
-def per_message_ms(n: int, fn: Callable[[int], object]) -> float:
+def per_message_ms(n: int, fn: Callable[[int], object], repeats: int = 3) -> float:
+    """Milliseconds per call: the best of ``repeats`` runs of ``n`` calls (a busy machine
+    only ever adds time)."""
     fn(0)  # warm caches
-    start = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return (time.perf_counter() - start) / n * 1000
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        best = min(best, (time.perf_counter() - start) / n * 1000)
+    return best
 
 
 def main() -> int:
@@ -88,6 +93,14 @@ def main() -> int:
             include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
         ),
     )
+    # a ~20 KB message (DESIGN §11's delivery benchmark size): the demo message, padded
+    line = b'<p style=3D"margin:0">Gentile cliente, il tuo estratto conto =C3=A8 pronto.</p>\r\n'
+    big = message + line * ((20_000 - len(message)) // len(line))
+    results["big_message_bytes"] = len(big)
+    for name, signer in signers.items():
+        results[f"dkim_{name}_20k_ms"] = per_message_ms(
+            n, lambda i, s=signer: s.sign(big, SENDER_DOMAIN)
+        )
     dual = results["dkim_rsa+ed25519_ms"]
     results["dual_signing_vs_render"] = dual / results["render_ms"]
     if args.json:
@@ -98,6 +111,9 @@ def main() -> int:
     print(f"VERP return path         {results['verp_ms']:.4f} ms/message")
     for name in signers:
         print(f"DKIM {name:<19} {results[f'dkim_{name}_ms']:.3f} ms/message")
+    print(f"a {results['big_message_bytes']:,}-byte message:")
+    for name in signers:
+        print(f"DKIM {name:<19} {results[f'dkim_{name}_20k_ms']:.3f} ms/message")
     print(f"dkimpy dkim.sign RSA     {results['dkimpy_sign_rsa_ms']:.3f} ms/message (pure Python)")
     print(f"dual signing / render    {results['dual_signing_vs_render']:.2f}x")
     return 0

@@ -8,6 +8,7 @@ map back to its delivery.
 
 from __future__ import annotations
 
+import random
 import stat
 from pathlib import Path
 
@@ -19,16 +20,18 @@ from recapito.campaign import CampaignParams, deliver_chunk, prepare
 from recapito.config import Settings
 from recapito.errors import ConfigError
 from recapito.identity import DkimSigner, SenderIdentity, VerpError, VerpKeyring
-from recapito.identity.dkim import DkimKey, generate_private_key_pem
+from recapito.identity.dkim import DkimKey, generate_private_key_pem, relaxed_body
 from recapito.identity.verp import delivery_from_return_path, parse_verp, verp_address
 from recapito.ledger import Ledger
 from recapito.render.template import message_id_for
 from recapito.sandbox import world
+from recapito.sandbox.dkimkeys import dkim_setting
 from recapito.sandbox.maildir import iter_maildirs
 from recapito.sandbox.runtime import Sandbox
 
 K1 = "k1:first-secret-0123456789"
 K2 = "k2:second-secret-9876543210"
+BOTH = ("rsa-sha256", "ed25519-sha256")
 
 
 # -- VERP -----------------------------------------------------------------------------------
@@ -181,9 +184,8 @@ MESSAGE = (
 def test_dkim_signature_verifies_against_sandbox_dns(
     sandbox: Sandbox, selector: str, algorithm: bytes
 ) -> None:
-    settings = Settings.load({"RECAPITO_HOME": str(sandbox.home), **sandbox.env()})
-    signer = DkimSigner.from_settings(settings)
-    key = next(k for k in signer.keys_for(world.SENDER_DOMAIN) if k.selector == selector)
+    key = next(k.key for k in sandbox.dkim_keys if k.key.selector == selector)
+    assert key.domain == world.SENDER_DOMAIN
     one = DkimSigner([key])
     signed = one.sign(MESSAGE, "banca-esempio.test")
     dnsfunc = sandbox_dnsfunc(sandbox)
@@ -207,10 +209,12 @@ def test_dkim_signature_verifies_against_sandbox_dns(
 
 
 def test_dkim_published_records(sandbox: Sandbox) -> None:
-    # the sandbox's settings.json names the keys: the CLI and the demo's flows sign with them
+    # the sandbox's settings.json names the RSA key: the CLI and the demo's flows sign with it
     settings = Settings.load({"RECAPITO_HOME": str(sandbox.home)})
     assert settings.dkim_keys == sandbox.env()["RECAPITO_DKIM_KEYS"]
-    keys = DkimSigner.from_settings(settings).keys_for("BANCA-ESEMPIO.TEST.")
+    default = DkimSigner.from_settings(settings).keys_for("BANCA-ESEMPIO.TEST.")
+    assert [(k.selector, k.algorithm) for k in default] == [("sandbox-rsa", "rsa-sha256")]
+    keys = [k.key for k in sandbox.dkim_keys]
     assert [k.algorithm for k in keys] == ["rsa-sha256", "ed25519-sha256"]
     dnsfunc = sandbox_dnsfunc(sandbox)
     for key in keys:
@@ -219,6 +223,32 @@ def test_dkim_published_records(sandbox: Sandbox) -> None:
     assert keys[0].public_record().startswith("v=DKIM1; k=rsa; p=MII")
     for key_file in (sandbox.sandbox_dir / "dkim").glob("*.pem"):
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_relaxed_body_matches_dkimpy() -> None:
+    from dkim.canonicalization import Relaxed
+
+    rng = random.Random(8463)
+    pieces = [
+        b"a",
+        b"b",
+        b" ",
+        b"  ",
+        b"\t",
+        b" \t ",
+        b"\r\n",
+        b"\r\n\r\n",
+        b"=20",
+        b"\xc3\xa8",
+        b"\r",
+        b"\n",
+        b" \r",
+        b"\t\n",
+    ]
+    bodies = [b"", b"\r\n", b"\r\n\r\n", b"x", b" x \r\n", b"\t\r\n\r\n"]
+    bodies += [b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 60))) for _ in range(3000)]
+    for body in bodies:
+        assert relaxed_body(body) == Relaxed.canonicalize_body(body), body
 
 
 def test_dkim_keys_setting(tmp_path: Path) -> None:
@@ -289,9 +319,14 @@ def test_campaign_messages_are_signed_and_bounce_back_to_their_delivery(
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    env = {"RECAPITO_HOME": str(home), **sandbox.env(), "RECAPITO_VERP_KEYS": f"{K2},{K1}"}
+    env = {
+        "RECAPITO_HOME": str(home),
+        **sandbox.env(),
+        "RECAPITO_VERP_KEYS": f"{K2},{K1}",
+        # both published keys: RSA and Ed25519 signatures on every message
+        "RECAPITO_DKIM_KEYS": dkim_setting(list(sandbox.dkim_keys), BOTH),
+    }
     settings = Settings.load(env)
-    assert settings.dkim_keys  # the sandbox names its DKIM keys
     params = _campaign(tmp_path, "identity-campaign")
     prepared = prepare(params, settings)
     results = [deliver_chunk(params, chunk, settings) for chunk in prepared.chunks]

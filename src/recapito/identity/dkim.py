@@ -7,10 +7,12 @@ commas or new lines. The algorithm follows the key: an RSA key (PEM, 1024 bits a
 (RFC 8463 suggests signing with both algorithms while receivers learn Ed25519). A message
 whose sender domain has no key is sent unsigned.
 
-The signature is built with dkimpy's own canonicalisation, header selection and folding, so
-any DKIM verifier (dkimpy's included, as the tests check) accepts it. The private-key
-operation is done by ``cryptography`` on a key parsed once per process: dkimpy's RSA is pure
-Python (about 7 ms a signature for 2048 bits, against about 0.3 ms through OpenSSL).
+The signature is built with dkimpy's header parsing, header canonicalisation, header
+selection and folding, so any DKIM verifier (dkimpy's included, as the tests check) accepts
+it. Two parts are done here instead, for speed: the private-key operation, by
+``cryptography`` on a key parsed once per process (dkimpy's RSA is pure Python: about 7 ms a
+signature for 2048 bits, against about 0.3 ms through OpenSSL), and the relaxed body
+canonicalisation (``relaxed_body``: dkimpy's bytes, a test compares them, 15 times faster).
 
 Signed headers: From (twice, so a second From cannot be added), To, Subject, Date,
 Message-ID, MIME-Version, Content-Type, List-Unsubscribe, List-Unsubscribe-Post, Reply-To
@@ -34,6 +36,7 @@ import dkim  # dkimpy
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from dkim import canonicalization as dkim_canon
 from dkim.canonicalization import CanonicalizationPolicy
 
 from recapito.errors import ConfigError
@@ -179,6 +182,25 @@ def _fields_text(fields: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"; ".join(b"=".join(item) for item in fields)
 
 
+_SPACE_RUN = re.compile(b"  +")
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 §3.4.4 relaxed body canonicalisation: the same bytes as dkimpy's, faster.
+
+    dkimpy's two regular expressions stop at every blank (about 0.5 ms for 20 KB of HTML);
+    here tabs become spaces, runs of two or more spaces become one (the engine searches for
+    the literal two spaces), a space before a line end goes, then empty lines at the end.
+    """
+    if b"\t" in body:
+        body = body.replace(b"\t", b" ")
+    if b"  " in body:
+        body = _SPACE_RUN.sub(b" ", body)  # a literal prefix: the regex engine skips ahead
+    if b" \r\n" in body:
+        body = body.replace(b" \r\n", b"\r\n")
+    return dkim_canon.correct_empty_body(dkim_canon.strip_trailing_lines(body))  # type: ignore[no-any-return]
+
+
 def _split(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """dkimpy's ``rfc822_parse``, run on the header block only when the message has plain
     CRLF line ends (its body then comes out the same, without splitting 20 KB into lines)."""
@@ -240,7 +262,7 @@ class DkimSigner:
             return b""
         headers, body = _split(message)
         policy = self._policy
-        body_hash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
+        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         present = {name.lower() for name, _ in headers}
         include = [h for h in SIGNED_HEADERS if h in present]
         include += [h for h in OVERSIGNED if h in present]

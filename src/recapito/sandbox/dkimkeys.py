@@ -1,10 +1,12 @@
 """DKIM keys of the sandbox's demo sender, and the TXT records that publish them.
 
 ``Sandbox.start`` makes (once, then reuses) one RSA-2048 and one Ed25519 key for
-``world.SENDER_DOMAIN`` in ``<sandbox>/dkim/`` (mode 0600), serves
-``<selector>._domainkey.<domain> TXT "v=DKIM1; k=…; p=…"`` from its DNS server and names the
-keys in ``RECAPITO_DKIM_KEYS``, so every demo message is signed with both (RFC 8463 dual
-signing) and any verifier asking the sandbox DNS can check them.
+``world.SENDER_DOMAIN`` in ``<sandbox>/dkim/`` (mode 0600) and serves both as
+``<selector>._domainkey.<domain> TXT "v=DKIM1; k=…; p=…"`` from its DNS server. Its settings
+(``RECAPITO_DKIM_KEYS``) name the RSA key, the one every receiver checks, so every demo
+message is signed and any verifier asking the sandbox DNS can check it; naming the Ed25519
+key as well (``dkim_setting(keys, ("rsa-sha256", "ed25519-sha256"))``) signs with both
+(RFC 8463 dual signing), at about 0.2 ms more a message.
 """
 
 from __future__ import annotations
@@ -53,5 +55,8 @@ def ensure_dkim_keys(sandbox_dir: Path) -> list[SandboxDkimKey]:
     return keys
 
 
-def dkim_setting(keys: list[SandboxDkimKey]) -> str:
-    return ",".join(k.setting for k in keys)
+def dkim_setting(
+    keys: list[SandboxDkimKey], algorithms: tuple[str, ...] = world.SENDER_DKIM_SIGNING
+) -> str:
+    """``RECAPITO_DKIM_KEYS`` naming the keys of these algorithms."""
+    return ",".join(k.setting for k in keys if k.key.algorithm in algorithms)

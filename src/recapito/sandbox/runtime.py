@@ -386,6 +386,11 @@ class Sandbox:
         return (DNS_ADDRESS, self.dns_port)
 
     @property
+    def dkim_keys(self) -> tuple[SandboxDkimKey, ...]:
+        """The demo sender's DKIM keys, all published in the sandbox DNS."""
+        return tuple(self._dkim_keys)
+
+    @property
     def servers(self) -> tuple[world.MXServer, ...]:
         return world.MX_SERVERS
 

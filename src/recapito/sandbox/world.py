@@ -20,6 +20,8 @@ SENDER_DKIM_SELECTORS: tuple[tuple[str, Literal["rsa-sha256", "ed25519-sha256"]]
     ("sandbox-rsa", "rsa-sha256"),
     ("sandbox-ed25519", "ed25519-sha256"),
 )
+# the algorithms the sandbox's settings sign with (both keys are published in DNS)
+SENDER_DKIM_SIGNING: tuple[str, ...] = ("rsa-sha256",)
 
 Posture = Literal[
     "tls13",  # TLS 1.3, certificate from the sandbox CA naming the MX host
