@@ -17,7 +17,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from recapito.campaign import CampaignParams
-from recapito.report import domain_rows, funnel_markdown, text_summary
+from recapito.report import domain_rows, funnel_markdown, pacing_markdown, text_summary
 from tasks.campaign import build_report, deliver_chunk, due_retries, prepare_campaign
 
 
@@ -33,6 +33,8 @@ def _deliver(
     pending: list[PrefectFuture[dict[str, Any]]] = []
     queue = sorted(chunks)
     done = 0
+    paced = {"paced_messages": 0.0, "paced_seconds": 0.0, "paced_pauses": 0.0}
+    pacing_status: dict[str, Any] | None = None
     while queue or pending:
         while queue and len(pending) < params.parallel_chunks:
             chunk = queue.pop(0)
@@ -59,9 +61,19 @@ def _deliver(
                 result.get("claimed"),
                 result.get("outcomes"),
             )
+            for key in paced:
+                paced[key] += float(result.get(key, 0) or 0)
+            if "pacing" in result:
+                pacing_status = result["pacing"]
         pending = list(not_done)
         if finished and progress is not None:
             update_progress_artifact(progress, progress=100.0 * done / len(chunks))
+        if finished and pacing_status is not None:
+            create_markdown_artifact(
+                pacing_markdown(pacing_status, paced, done, len(chunks)),
+                key=f"{_artifact_key(params.name)}-pacing",
+                description="campaign pacing (rate, waves) while delivering",
+            )
 
 
 def _artifact_key(name: str) -> str:

@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy.exc
-from prefect import Task, task
+from prefect import Task, get_client, task
 from prefect.client.schemas.objects import TaskRun
+from prefect.concurrency.sync import rate_limit
 from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import State
 
 from recapito import campaign as core
 from recapito.config import Settings
+from recapito.delivery.engine import Permits
 from recapito.errors import TransientError
 from recapito.ledger import Ledger
 from recapito.report import campaign_report
@@ -80,7 +83,50 @@ def deliver_chunk(
     """Send one chunk. Round 0 sends its planned rows; later rounds retry its deferred mail.
     ``work_token`` identifies those rows, so a cached result is reused only for the same work
     (rows released after a crash, or newly due, make a new token)."""
-    return core.deliver_chunk(params, chunk, Settings.load())
+    return core.deliver_chunk(params, chunk, Settings.load(), permits=shared_permits(params))
+
+
+def shared_rate_limit_name(params: core.CampaignParams) -> str:
+    return f"recapito-rate-{params.name}"
+
+
+def shared_permits(params: core.CampaignParams) -> Permits | None:
+    """Sending permits from a Prefect global concurrency limit with slot decay, so every
+    worker of the campaign, on any host, shares its rate (DESIGN §4)."""
+    if not params.shared_rate_limit:
+        return None
+    per_second = (params.rate_per_minute or 0) / 60 or (params.rate_per_hour or 0) / 3600
+    if params.rate_per_minute and params.rate_per_hour:
+        per_second = min(params.rate_per_minute / 60, params.rate_per_hour / 3600)
+    name = shared_rate_limit_name(params)
+    # room for a few seconds of messages; slots free up at the campaign's rate
+    capacity = max(1, min(1000, round(per_second * 10)))
+    with get_client(sync_client=True) as client:
+        try:
+            current = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            current = None
+        try:
+            if current is None or (current.limit, current.slot_decay_per_second) != (
+                capacity,
+                per_second,
+            ):
+                client.upsert_global_concurrency_limit_by_name(
+                    name, limit=capacity, slot_decay_per_second=per_second
+                )
+        except ObjectAlreadyExists:
+            # another chunk task created it at the same moment: make sure it is current
+            client.upsert_global_concurrency_limit_by_name(
+                name, limit=capacity, slot_decay_per_second=per_second
+            )
+    block = max(1, min(capacity, 10))
+
+    def take(n: int) -> int:
+        granted = min(n, block)
+        rate_limit(name, occupy=granted, strict=True)
+        return granted
+
+    return take
 
 
 @task(name="due-retries", retries=2, retry_condition_fn=transient_only)

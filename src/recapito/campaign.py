@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from recapito.config import Settings
 from recapito.contacts.sources import ContactSource, load
 from recapito.contacts.targeting import target
-from recapito.delivery.engine import DeliveryOptions, DeliveryRun, DeliveryStats
+from recapito.delivery.engine import DeliveryOptions, DeliveryRun, DeliveryStats, Permits
+from recapito.delivery.pacing import Limit, Pacer, PacingOptions
 from recapito.errors import InputError
 from recapito.identity import SenderIdentity
 from recapito.ledger import Claim, Ledger, PlannedDelivery
@@ -99,6 +100,69 @@ class CampaignParams(BaseModel):
         description="How long this run itself waits to retry deferred mail; deferred mail "
         "already due is always retried, also when the campaign is run again later",
     )
+
+    rate_per_minute: float | None = Field(
+        None, gt=0, description="Campaign pace: at most this many messages a minute"
+    )
+    rate_per_hour: float | None = Field(
+        None, gt=0, description="Campaign pace: at most this many messages an hour"
+    )
+    wave_size: int | None = Field(
+        None, ge=1, description="Waves: this many messages, then wait for the next interval"
+    )
+    wave_interval_minutes: float | None = Field(
+        None, gt=0, description="Waves: one wave starts every so many minutes"
+    )
+    domain_limits: dict[str, str] = Field(
+        default_factory=dict,
+        description='Receiving providers\' limits per recipient domain, e.g. {"libero.it": '
+        '"conn=2,rate=120/min"}; a key starting with a dot covers subdomains',
+    )
+    mx_limits: dict[str, str] = Field(
+        default_factory=dict,
+        description='Limits per MX host, e.g. {".mail.protection.outlook.com": "conn=5"}',
+    )
+    shared_rate_limit: bool = Field(
+        False,
+        description="Enforce the campaign rate across every worker with a Prefect global "
+        "concurrency limit (needed when chunk tasks run on several processes or hosts)",
+    )
+
+    @field_validator("domain_limits", "mx_limits")
+    @classmethod
+    def _limits(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            try:
+                Limit.parse(text, key)
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return {k.strip().lower(): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _waves(self) -> CampaignParams:
+        if (self.wave_size is None) != (self.wave_interval_minutes is None):
+            raise ValueError("waves need both wave_size and wave_interval_minutes")
+        if self.shared_rate_limit and not (self.rate_per_minute or self.rate_per_hour):
+            raise ValueError("shared_rate_limit needs rate_per_minute or rate_per_hour")
+        return self
+
+    def pacing(self, scope: str) -> PacingOptions:
+        """The engine's pacing rules for this campaign (``scope`` names the campaign)."""
+        return PacingOptions(
+            per_minute=self.rate_per_minute,
+            per_hour=self.rate_per_hour,
+            wave_size=self.wave_size,
+            wave_interval=None
+            if self.wave_interval_minutes is None
+            else self.wave_interval_minutes * 60,
+            domain_limits={k: Limit.parse(v, k) for k, v in self.domain_limits.items()},
+            mx_limits={k: Limit.parse(v, k) for k, v in self.mx_limits.items()},
+            scope=scope,
+        )
+
+    @property
+    def paced(self) -> bool:
+        return bool(self.rate_per_minute or self.rate_per_hour or self.wave_size)
 
     @field_validator("name")
     @classmethod
@@ -389,9 +453,17 @@ def chunk_renderer(
 
 
 def deliver_chunk(
-    params: CampaignParams, chunk: int, settings: Settings, *, only_deferred: bool = False
+    params: CampaignParams,
+    chunk: int,
+    settings: Settings,
+    *,
+    only_deferred: bool = False,
+    permits: Permits | None = None,
 ) -> dict[str, Any]:
     """Claim one chunk and send it; returns the chunk's outcome counts.
+
+    ``permits`` (from the tasks layer) takes blocks of sending permits from a limit shared
+    by every worker, on top of this process's own pacing.
 
     With ``only_deferred`` just the chunk's deferred rows that are due are taken (the
     retry-deferred flow), never its planned ones."""
@@ -425,12 +497,17 @@ def deliver_chunk(
                 retry_factor=params.retry_factor,
                 give_up_after=timedelta(hours=params.give_up_after_hours),
                 tls_policy=TLSPolicy.parse(label),
+                pacing=params.pacing(f"{campaign.id}:{params.name}"),
+                permits=permits,
             )
             run = DeliveryRun(ledger, options, renderer, mx_resolver(settings), policies)
             stats.merge(asyncio.run(run.run(part)))
     finally:
         ledger.close()
-    return {"chunk": chunk, "claimed": len(claims), **stats.as_dict()}
+    result = {"chunk": chunk, "claimed": len(claims), **stats.as_dict()}
+    if params.paced:
+        result["pacing"] = Pacer(params.pacing(f"{campaign.id}:{params.name}")).status()
+    return result
 
 
 def _claims_by_policy(

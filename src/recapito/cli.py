@@ -69,7 +69,39 @@ _OPTION_OF_FIELD = {
     "retry_within_run_seconds": "retry-within-run",
     "filter": "filter",
     "tls_policy_by_class": "tls-policy-for",
+    "rate_per_minute": "rate",
+    "rate_per_hour": "rate",
+    "wave_interval_minutes": "wave-interval",
+    "domain_limits": "domain-limit",
+    "mx_limits": "mx-limit",
 }
+
+
+def _pairs(option: str, pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    """``KEY=VALUE`` options (VALUE may itself hold '=') into a dict."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise click.ClickException(f"--{option} {pair!r}: expected {what}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _rate(text: str | None) -> tuple[float | None, float | None]:
+    """``--rate 600/min`` or ``--rate 20000/h`` → (per minute, per hour)."""
+    if text is None:
+        return None, None
+    from recapito.delivery.pacing import parse_rate
+    from recapito.errors import InputError
+
+    try:
+        per_minute = parse_rate(text, "--rate")
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
+    if text.strip().lower().endswith(("/h", "/hour")):
+        return None, per_minute * 60
+    return per_minute, None
 
 
 def _class_policies(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -150,6 +182,25 @@ def prefect_environment(home: Path) -> None:
     type=int,
     help="Seconds this run waits to retry deferred mail itself.",
 )
+@click.option("--rate", default=None, help="Campaign pace, e.g. 600/min or 20000/h.")
+@click.option("--wave-size", default=None, type=int, help="Waves: messages per wave.")
+@click.option(
+    "--wave-interval", default=None, type=float, help="Waves: minutes between wave starts."
+)
+@click.option(
+    "--domain-limit",
+    "domain_limit",
+    multiple=True,
+    metavar="DOMAIN=LIMIT",
+    help="A provider's limit, e.g. libero.it=conn=2,rate=120/min (repeatable).",
+)
+@click.option(
+    "--mx-limit",
+    "mx_limit",
+    multiple=True,
+    metavar="HOST=LIMIT",
+    help="Limit per MX host, e.g. .mail.protection.outlook.com=conn=5 (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def campaign_run(
     name: str,
@@ -168,6 +219,11 @@ def campaign_run(
     tls_policy_for: tuple[str, ...],
     retry_after: int,
     retry_within_run: int,
+    rate: str | None,
+    wave_size: int | None,
+    wave_interval: float | None,
+    domain_limit: tuple[str, ...],
+    mx_limit: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Target, render and deliver a campaign (runs the Prefect flow)."""
@@ -176,6 +232,7 @@ def campaign_run(
     from recapito.campaign import CampaignParams
     from recapito.config import Settings
 
+    per_minute, per_hour = _rate(rate)
     try:
         params = CampaignParams(
             name=name,
@@ -194,12 +251,20 @@ def campaign_run(
             tls_policy_by_class=_class_policies(tls_policy_for),
             retry_after_seconds=retry_after,
             retry_within_run_seconds=retry_within_run,
+            rate_per_minute=per_minute,
+            rate_per_hour=per_hour,
+            wave_size=wave_size,
+            wave_interval_minutes=wave_interval,
+            domain_limits=_pairs("domain-limit", domain_limit, "DOMAIN=conn=N,rate=N/min"),
+            mx_limits=_pairs("mx-limit", mx_limit, "HOST=conn=N,rate=N/min"),
         )
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         option = _OPTION_OF_FIELD.get(field, field.replace("_", "-"))
         message = str(first["msg"]).removeprefix("Value error, ")
+        if not field:  # a rule across several options
+            raise click.ClickException(message) from None
         raise click.ClickException(f"--{option}: {message}") from None
     report = run_campaign(params, Settings.load().home)
     _print_report(report, as_json)

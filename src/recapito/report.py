@@ -152,3 +152,28 @@ def text_summary(report: dict[str, Any]) -> str:
         + (f", {f['in_flight']:,} held by a worker" if f["in_flight"] else "")
         + f"; TLS: {tls}"
     )
+
+
+def pacing_markdown(status: dict[str, Any], totals: dict[str, float], done: int, total: int) -> str:
+    """The pacing state of a running campaign (progress artifact companion)."""
+    lines = [f"### Pacing — {done} of {total} chunks done", ""]
+    rules = []
+    if "rate_per_minute" in status:
+        rules.append(f"{status['rate_per_minute']:g} messages a minute")
+    if "rate_per_hour" in status:
+        rules.append(f"{status['rate_per_hour']:g} messages an hour")
+    if "wave_size" in status:
+        minutes = float(status["wave_interval_s"]) / 60
+        rules.append(f"waves of {status['wave_size']} every {minutes:g} min")
+    lines.append("| | |")
+    lines.append("|---|---|")
+    lines.append(f"| rules | {'; '.join(rules) or 'none'} |")
+    if "wave" in status:
+        nxt = status.get("next_wave_in_s")
+        when = "—" if nxt is None else f"in {float(nxt):.0f} s"
+        lines.append(f"| current wave | {status['wave']} ({status['in_wave']} booked) |")
+        lines.append(f"| next wave | {when} |")
+    lines.append(f"| messages held back | {int(totals.get('paced_messages', 0))} |")
+    lines.append(f"| time spent waiting | {totals.get('paced_seconds', 0.0):.1f} s |")
+    lines.append(f"| connections closed to wait | {int(totals.get('paced_pauses', 0))} |")
+    return "\n".join(lines) + "\n"

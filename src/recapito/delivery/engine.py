@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from recapito.delivery.dns import MXHost, MXResolver, MXResult
+from recapito.delivery.pacing import Pacer, PacingOptions, PacingStats, SharedSlots
 from recapito.delivery.replies import classify_reply
 from recapito.delivery.smtp import ClaimLost, ConnectFailed, MXSession, SessionLost, SMTPReply
 from recapito.delivery.tls import client_context
@@ -43,6 +44,10 @@ from recapito.security.policy import (
 )
 
 Renderer = Callable[[Claim], RenderedMessage]
+# Takes up to n sending permits from a limit shared with other workers, blocking until
+# they are granted, and says how many it got (the tasks layer backs it with a Prefect
+# global concurrency limit). Called in a thread.
+Permits = Callable[[int], int]
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,13 @@ class DeliveryOptions:
     give_up_after: timedelta = timedelta(hours=72)  # since the first attempt: then expired
     mx_facts_ttl: timedelta = timedelta(hours=24)
     tls_policy: TLSPolicy = field(default_factory=TLSPolicy)
+    pacing: PacingOptions = field(default_factory=PacingOptions)
+    # a paced wait longer than this closes the connection and reconnects afterwards
+    # (servers drop idle sessions after a few minutes; RFC 5321 asks for 5)
+    pause_after: float = 10.0
+    lease: timedelta = timedelta(minutes=30)  # claims are renewed well before it runs out
+    permits: Permits | None = None  # a rate shared by every worker, taken in blocks
+    permit_block: int = 10
     # permanent failures that add the address to the suppression list
     suppress_reasons: frozenset[str] = frozenset(
         {"user_unknown", "domain_invalid", "mailbox_disabled"}
@@ -74,6 +86,7 @@ class DeliveryStats:
     tls: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     seconds: float = 0.0
+    pacing: PacingStats = field(default_factory=PacingStats)
 
     def merge(self, other: DeliveryStats) -> None:
         self.outcomes.update(other.outcomes)
@@ -81,6 +94,7 @@ class DeliveryStats:
         self.tls.update(other.tls)
         self.connections += other.connections
         self.seconds += other.seconds
+        self.pacing.merge(other.pacing)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -89,6 +103,9 @@ class DeliveryStats:
             "tls": dict(self.tls),
             "connections": self.connections,
             "seconds": round(self.seconds, 3),
+            "paced_messages": self.pacing.paced_messages,
+            "paced_seconds": round(self.pacing.waited_seconds, 3),
+            "paced_pauses": self.pacing.pauses,
         }
 
 
@@ -130,6 +147,7 @@ class _Group:
 
     mx: MXResult
     queue: asyncio.Queue[tuple[Claim, int]]
+    domain_slots: SharedSlots | None = None  # a provider limit on this domain's connections
     connected: int = 0
     unreachable: list[str] = field(default_factory=list)
     verdicts: dict[str, HostVerdict] = field(default_factory=dict)
@@ -159,7 +177,9 @@ class DeliveryRun:
         self._marked: set[int] = set()  # delivery ids committed as "sending"
         self._commits: GroupCommitter | None = None
         self._writes: list[asyncio.Future[bool]] = []
-        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self.pacer = Pacer(options.pacing)
+        self._permits = 0  # shared-limit permits taken and not yet used
+        self._permit_lock = asyncio.Lock()
         self._global_slots = asyncio.Semaphore(options.max_connections)
         self._facts_saved: set[str] = set()
         # what each MX host offered in earlier runs, read once per host (downgrade check)
@@ -284,11 +304,9 @@ class DeliveryRun:
 
     # ---- connections -------------------------------------------------------------------
 
-    def _slots(self, host: str) -> asyncio.Semaphore:
-        slots = self._host_slots.get(host)
-        if slots is None:
-            slots = self._host_slots[host] = asyncio.Semaphore(self.options.connections_per_host)
-        return slots
+    def _slots(self, host: str) -> SharedSlots:
+        """Connections to ``host``: shared by every delivery run of this process."""
+        return self.pacer.mx_slots(host, self.options.connections_per_host)
 
     def _save_facts(self, session: MXSession) -> None:
         if session.mx_host in self._facts_saved:
@@ -375,7 +393,7 @@ class DeliveryRun:
                 break
         return verdict
 
-    async def _connect(self, group: _Group) -> tuple[MXSession, asyncio.Semaphore] | None:
+    async def _connect(self, group: _Group) -> tuple[MXSession, SharedSlots] | None:
         """A session with the most preferred MX host that qualifies, holding its host slot.
 
         Hosts are tried in preference order. A host reached but below the required level is
@@ -480,34 +498,89 @@ class DeliveryRun:
         return "connection_failed", text, None
 
     async def _worker(self, group: _Group) -> None:
-        async with self._global_slots:
-            while not group.queue.empty():
-                connected = await self._connect(group)
-                if connected is None:
-                    if group.connected == 0:
-                        # no qualifying MX host for this destination: every waiting message
-                        # ends insecure_channel (all hosts reached, none good enough) or is
-                        # deferred (unreachable hosts, suspected downgrade, bogus DNSSEC)
-                        reason, text, outcome = self._conclude(group)
-                        while not group.queue.empty():
-                            claim, _ = group.queue.get_nowait()
-                            if outcome is not None:
-                                self._record(claim, outcome)
-                            else:
-                                self._defer(claim, reason, text)
-                    return
-                session, slots = connected
-                group.connected += 1
+        carry: _Booked | None = None  # a message booked for later, held across a pause
+        while carry is not None or not group.queue.empty():
+            if carry is not None:
+                await _sleep_until(carry.ready_at)
+            async with self._global_slots:
+                if group.domain_slots is not None:
+                    await group.domain_slots.acquire()
                 try:
-                    await self._send_on(session, group)
+                    connected = await self._connect(group)
+                    if connected is None:
+                        if carry is not None:
+                            group.queue.put_nowait((carry.claim, carry.tries))
+                        if group.connected == 0:
+                            self._give_up(group)
+                        return
+                    session, slots = connected
+                    group.connected += 1
+                    try:
+                        carry = await self._send_on(session, group, carry)
+                    finally:
+                        group.connected -= 1
+                        await session.close()
+                        slots.release()
                 finally:
-                    group.connected -= 1
-                    await session.close()
-                    slots.release()
+                    if group.domain_slots is not None:
+                        group.domain_slots.release()
 
-    async def _send_on(self, session: MXSession, group: _Group) -> None:
-        while session.sent < self.options.messages_per_connection and not group.queue.empty():
-            claim, tries = group.queue.get_nowait()
+    def _give_up(self, group: _Group) -> None:
+        """No qualifying MX host for this destination: every waiting message ends
+        insecure_channel (all hosts reached, none good enough) or is deferred
+        (unreachable hosts, suspected downgrade, bogus DNSSEC)."""
+        reason, text, outcome = self._conclude(group)
+        while not group.queue.empty():
+            claim, _ = group.queue.get_nowait()
+            if outcome is not None:
+                self._record(claim, outcome)
+            else:
+                self._defer(claim, reason, text)
+
+    async def _take_permit(self) -> None:
+        """One permit from the shared limit; blocks of them are fetched as needed."""
+        if self.options.permits is None:
+            return
+        async with self._permit_lock:
+            if self._permits == 0:
+                started = time.monotonic()
+                granted = await asyncio.to_thread(self.options.permits, self.options.permit_block)
+                self.stats.pacing.waited_seconds += time.monotonic() - started
+                self._permits = max(1, granted)
+            self._permits -= 1
+
+    def _book(self, claim: Claim, tries: int, mx_host: str) -> _Booked:
+        """The message's slot under the pacing rules (now, when nothing limits it)."""
+        now = time.monotonic()
+        if not self.options.pacing.active:
+            return _Booked(claim, tries, now)
+        delay = self.pacer.reserve(claim.domain, mx_host, now)
+        if delay > 0:
+            self.stats.pacing.paced_messages += 1
+            self.stats.pacing.waited_seconds += delay
+        return _Booked(claim, tries, now + delay)
+
+    async def _send_on(
+        self, session: MXSession, group: _Group, carry: _Booked | None
+    ) -> _Booked | None:
+        """Send queued messages on one session; returns a message booked too far ahead to
+        keep the connection waiting for it (the caller reconnects when its time comes)."""
+        while session.sent < self.options.messages_per_connection:
+            if carry is not None:
+                booked, carry = carry, None
+            elif group.queue.empty():
+                return None
+            else:
+                claim, tries = group.queue.get_nowait()
+                await self._take_permit()
+                booked = self._book(claim, tries, session.mx_host)
+            wait = booked.ready_at - time.monotonic()
+            if wait > self.options.pause_after:
+                self.stats.pacing.pauses += 1
+                return booked
+            if wait > 0:
+                await asyncio.sleep(wait)
+            claim, tries = booked.claim, booked.tries
             try:
                 rendered = self.render(claim)
             except TemplateError as exc:
@@ -532,7 +605,7 @@ class DeliveryRun:
                 # the lease went to another worker before the body left: not ours to record
                 self._done.add(claim.delivery_id)
                 self.stats.outcomes["claim_lost"] += 1
-                return
+                return None
             except SessionLost as exc:
                 if exc.after_data:
                     self._record(
@@ -552,10 +625,11 @@ class DeliveryRun:
                     self._defer(claim, "connection_lost", str(exc), session.mx_host)
                 else:
                     group.queue.put_nowait((claim, tries + 1))  # nothing was sent: try again
-                return
+                return None
             self._reply_outcome(claim, session, rendered.message_id, reply)
             if not session.is_open:
-                return
+                return None
+        return carry
 
     def _before_body(self, claim: Claim) -> Callable[[], Awaitable[bool]]:
         async def mark() -> bool:
@@ -568,6 +642,13 @@ class DeliveryRun:
             return owned
 
         return mark
+
+    async def _renew_leases(self, tokens: set[str]) -> None:
+        """Keep our claims while a long (paced) run works through them."""
+        period = max(1.0, self.options.lease.total_seconds() / 3)
+        while True:
+            await asyncio.sleep(period)
+            await asyncio.to_thread(self.ledger.extend_leases, tokens, self.options.lease)
 
     # ---- entry point -------------------------------------------------------------------
 
@@ -585,14 +666,13 @@ class DeliveryRun:
                     for claim in domain_claims:
                         self._dns_outcome(claim, result)
                     continue
-                # recipient policies (MTA-STS) are per domain: group per domain when checked
-                key = (
-                    tuple(h.name for h in result.hosts),
-                    result.domain if self._checks_policies else "",
-                )
+                # recipient policies (MTA-STS) and provider limits are per domain
+                domain_slots = self.pacer.domain_slots(result.domain)
+                per_domain = self._checks_policies or domain_slots is not None
+                key = (tuple(h.name for h in result.hosts), result.domain if per_domain else "")
                 group = groups.get(key)
                 if group is None:
-                    group = groups[key] = _Group(result, asyncio.Queue())
+                    group = groups[key] = _Group(result, asyncio.Queue(), domain_slots)
                 for claim in domain_claims:
                     group.queue.put_nowait((claim, 0))
             workers = []
@@ -600,7 +680,11 @@ class DeliveryRun:
                 wanted = math.ceil(group.queue.qsize() / self.options.messages_per_connection)
                 for _ in range(max(1, min(self.options.connections_per_host, wanted))):
                     workers.append(self._worker(group))
-            await asyncio.gather(*workers)
+            renewal = asyncio.create_task(self._renew_leases({c.token for c in claims}))
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                renewal.cancel()
             await asyncio.gather(*self._writes)  # every outcome durable before we return
         finally:
             await self._commits.close()
@@ -609,6 +693,21 @@ class DeliveryRun:
                 self.ledger.release(leftover)
             self.stats.seconds = time.perf_counter() - started
         return self.stats
+
+
+@dataclass(frozen=True)
+class _Booked:
+    """A message with the moment pacing lets it leave (``time.monotonic`` clock)."""
+
+    claim: Claim
+    tries: int
+    ready_at: float
+
+
+async def _sleep_until(when: float) -> None:
+    wait = when - time.monotonic()
+    if wait > 0:
+        await asyncio.sleep(wait)
 
 
 def _policy_failure(verdict: HostVerdict, recipient: RecipientPolicy) -> bool:

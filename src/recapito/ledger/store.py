@@ -728,6 +728,25 @@ class Ledger:
                 conn.execute(_INSERT_EVENT, event_rows)
         return answers
 
+    def extend_leases(self, tokens: Iterable[str], lease: timedelta) -> int:
+        """Push back the lease of claims still held under these claim tokens."""
+        tokens = list(tokens)
+        if not tokens:
+            return 0
+        now = utcnow()
+        with self._tx() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where(
+                    sa.and_(
+                        deliveries.c.claim_token.in_(tokens),
+                        deliveries.c.state.in_([State.CLAIMED.value, State.SENDING.value]),
+                    )
+                )
+                .values(lease_until=now + lease)
+            )
+            return int(result.rowcount)
+
     def release(self, claims: Sequence[Claim]) -> int:
         """Give back claims that were never attempted (no byte of the message left us)."""
         if not claims:
