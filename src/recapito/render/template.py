@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
@@ -124,7 +124,10 @@ class CompiledTemplate:
         recipient: str,
         message_id: str,
         headers: Mapping[str, str] | None = None,
+        transform: Callable[[str, str], tuple[str, str]] | None = None,
     ) -> RenderedMessage:
+        """``transform(html, text) -> (html, text)`` runs on the rendered bodies before the
+        MIME is written (link tracking and the open pixel, recapito.tracking)."""
         values = {k: ("" if v is None else v) for k, v in context.items()}
         try:
             subject = header_safe(self.subject.render(values))
@@ -137,6 +140,8 @@ class CompiledTemplate:
                 text = html_to_text(html)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {self.name!r}: {exc}") from exc
+        if transform is not None:
+            html, text = transform(html, text)
         sender_domain = sender.rpartition("@")[2]
         lines = [
             mailbox("From", from_name, sender),
@@ -152,7 +157,9 @@ class CompiledTemplate:
         return RenderedMessage(message_id=message_id, subject=subject, data=data)
 
 
-_BUILTINS = frozenset({"preheader", "campaign", "range", "loop", "dict", "lipsum", "cycler"})
+_BUILTINS = frozenset(
+    {"preheader", "campaign", "unsubscribe_url", "range", "loop", "dict", "lipsum", "cycler"}
+)
 
 
 def load_template(path: str | Path) -> CompiledTemplate:
