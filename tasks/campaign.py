@@ -203,7 +203,9 @@ def retry_chunk(
 ) -> dict[str, Any]:
     """Send the due deferred rows of one chunk, through the same engine and ledger path
     as the campaign run; planned, sent and uncertain rows are never taken."""
-    return core.deliver_chunk(params, chunk, Settings.load(), only_deferred=True)
+    return core.deliver_chunk(
+        params, chunk, Settings.load(), only_deferred=True, permits=shared_permits(params)
+    )
 
 
 @task(name="finish-retries", retries=2, retry_condition_fn=transient_only)
