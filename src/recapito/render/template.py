@@ -6,11 +6,23 @@
     preheader = "Disponibile nell'area riservata"   # optional
     from_name = "Banca Esempio"                     # optional, may use placeholders
     html = "body.html"                              # default body.html
+    mjml = "body.mjml"                              # instead of html: MJML, compiled once
+    inline_css = true                               # default: true for MJML, false for HTML
     text = "body.txt"                               # optional: derived from the HTML if absent
+
+    [blocks.promo]                                  # shows {% block promo %}…{% endblock %}
+    visible_if = 'segmento = "private" and provincia in ("MI", "RM")'   # only to these
+
+``visible_if`` uses the contact filter language (see ``recapito.render.blocks``).
 
 Templates are user content: they run in Jinja2's ``SandboxedEnvironment`` with HTML
 autoescaping and strict undefined variables. ``default`` treats empty values as missing,
 so ``{{ nome | default('cliente') }}`` covers both absent columns and empty cells.
+
+Everything costly happens once per template load (so once per campaign chunk task): MJML
+compilation and CSS inlining (``recapito.render.layout``), Jinja parsing and compilation,
+the text template derived from the HTML, and the rewriting of the HTML so its rendered
+output can go as 7bit with no per-message encoding (``layout.wire_ready_html``).
 """
 
 from __future__ import annotations
@@ -27,9 +39,12 @@ from typing import Any
 import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
+from markupsafe import Markup, escape
 
 from recapito.errors import TemplateError
-from recapito.render.mime import alternative_message, mailbox, unstructured
+from recapito.render.blocks import BlockCondition, apply_blocks, parse_blocks
+from recapito.render.layout import inline_css, mjml_to_html, wire_ready_html
+from recapito.render.mime import AddressError, alternative_message, mailbox, unstructured
 from recapito.render.text import html_template_to_text_template, html_to_text
 
 _BLANK_RUNS = re.compile(r"\n\s*\n(\s*\n)+")
@@ -47,11 +62,25 @@ def header_safe(value: str) -> str:
     return _CONTROL.sub(" ", value).strip()
 
 
+def _ascii_markup(value: Any) -> Any:
+    """HTML output of a placeholder with non-ASCII characters as character references
+    (``Zoë`` → ``Zo&#235;``), so the HTML part stays 7bit."""
+    if isinstance(value, str) and value.isascii():
+        return value
+    if isinstance(value, jinja2.Undefined):
+        return value
+    escaped = escape(value)
+    if escaped.isascii():
+        return escaped
+    return Markup(escaped.encode("ascii", "xmlcharrefreplace").decode("ascii"))
+
+
 def _environment(autoescape: bool) -> SandboxedEnvironment:
     env = SandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
         keep_trailing_newline=True,
+        finalize=_ascii_markup if autoescape else None,
     )
     env.filters["default"] = _default
     env.filters["d"] = _default
@@ -105,6 +134,15 @@ class CompiledTemplate:
     html: jinja2.Template
     text: jinja2.Template | None
     variables: frozenset[str]  # variables the template needs (without defaults)
+    blocks: tuple[BlockCondition, ...] = ()  # [blocks.NAME] visible_if conditions
+    html_source: str = ""  # the HTML template as compiled (after MJML and inlining)
+    meta: Mapping[str, Any] | None = None  # template.toml
+
+    def check_blocks(self, columns: Iterable[str]) -> None:
+        """Every ``visible_if`` condition compiles against these contact columns."""
+        names = list(columns)
+        for block in self.blocks:
+            block.check(names, self.name)
 
     def check_variables(self, available: Iterable[str]) -> None:
         """Fail before sending anything when the template needs a column the data lacks."""
@@ -129,6 +167,8 @@ class CompiledTemplate:
         """``transform(html, text) -> (html, text)`` runs on the rendered bodies before the
         MIME is written (link tracking and the open pixel, recapito.tracking)."""
         values = {k: ("" if v is None else v) for k, v in context.items()}
+        for block in self.blocks:
+            values[block.flag] = block.evaluate(context, self.name)
         try:
             subject = header_safe(self.subject.render(values))
             from_name = header_safe(self.from_name.render(values)) if self.from_name else ""
@@ -143,9 +183,14 @@ class CompiledTemplate:
         if transform is not None:
             html, text = transform(html, text)
         sender_domain = sender.rpartition("@")[2]
+        try:
+            from_line = mailbox("From", from_name, sender)
+            to_line = mailbox("To", "", recipient)
+        except AddressError as exc:
+            raise TemplateError(f"template {self.name!r}: {exc}") from None
         lines = [
-            mailbox("From", from_name, sender),
-            f"To: {header_safe(recipient)}",
+            from_line,
+            to_line,
             unstructured("Subject", subject),
             f"Date: {formatdate(localtime=False, usegmt=True)}",
             f"Message-ID: {header_safe(message_id)}",
@@ -191,9 +236,19 @@ def load_template(path: str | Path) -> CompiledTemplate:
         except (OSError, UnicodeDecodeError) as exc:
             raise TemplateError(f"template {name!r}: cannot read {file_path} ({exc})") from exc
 
-    html_src = read("html", "body.html")
+    if "mjml" in meta and "html" in meta:
+        raise TemplateError(f"template {name!r}: template.toml names both 'html' and 'mjml'")
+    inline = meta.get("inline_css", "mjml" in meta)
+    if not isinstance(inline, bool):
+        raise TemplateError(f"template {name!r}: 'inline_css' must be true or false")
+    blocks = parse_blocks(meta, name)
+    body_src = read("mjml", None) if "mjml" in meta else read("html", "body.html")
+    assert body_src is not None
+    if "mjml" in meta:
+        html_src = mjml_to_html(body_src, name)
+    else:
+        html_src = inline_css(body_src, name) if inline else body_src
     text_src = read("text", None)
-    assert html_src is not None
     plain_env = _environment(autoescape=False)
     html_env = _environment(autoescape=True)
     sources = {
@@ -203,6 +258,14 @@ def load_template(path: str | Path) -> CompiledTemplate:
         "html": (html_env, html_src),
         "text": (plain_env, text_src),
     }
+    found: set[str] = set()
+
+    def compile_source(env: SandboxedEnvironment, src: str) -> jinja2.Template:
+        ast = env.parse(src)
+        found.update(apply_blocks(ast, blocks))
+        ast.set_environment(env)
+        return env.from_string(ast)
+
     compiled: dict[str, jinja2.Template | None] = {}
     required: set[str] = set()
     digest = hashlib.sha256()
@@ -215,7 +278,7 @@ def load_template(path: str | Path) -> CompiledTemplate:
         digest.update(key.encode() + b"\0" + src.encode() + b"\0")
         try:
             required |= _required_names(env, src)
-            compiled[key] = env.from_string(src)
+            compiled[key] = compile_source(env, wire_ready_html(src) if key == "html" else src)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(
                 f"template {name!r}: syntax error in {key} line {exc.lineno}: {exc.message}"
@@ -224,9 +287,16 @@ def load_template(path: str | Path) -> CompiledTemplate:
         # no text part given: derive one from the HTML template, once; if the derived
         # source does not compile (a '<' inside a Jinja expression), convert per message
         try:
-            compiled["text"] = plain_env.from_string(html_template_to_text_template(html_src))
+            compiled["text"] = compile_source(plain_env, html_template_to_text_template(html_src))
         except jinja2.TemplateSyntaxError:
             compiled["text"] = None
+    missing_blocks = sorted(set(blocks) - found)
+    if missing_blocks:
+        raise TemplateError(
+            f"template {name!r}: [blocks.{missing_blocks[0]}] names no "
+            f"{{% block {missing_blocks[0]} %}} in the template"
+        )
+    digest.update(repr(sorted((k, v.text) for k, v in blocks.items())).encode())
     html_t = compiled["html"]
     subject_t = compiled["subject"]
     assert html_t is not None and subject_t is not None
@@ -240,6 +310,9 @@ def load_template(path: str | Path) -> CompiledTemplate:
         html=html_t,
         text=compiled["text"],
         variables=frozenset(required),
+        blocks=tuple(blocks.values()),
+        html_source=html_src,
+        meta=meta,
     )
 
 

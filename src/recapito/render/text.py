@@ -1,7 +1,17 @@
 """Plain-text alternative derived from HTML, for templates that ship no text part.
 
-Regular expressions rather than an HTML parser: this runs once per message, and the
-input is our own rendered template, not arbitrary web pages.
+Regular expressions rather than an HTML parser: the input is our own template (plain HTML
+or MJML output), converted once per template load (``html_template_to_text_template``),
+not arbitrary web pages. What the reader gets:
+
+* links as ``text (url)``, or the bare URL when the text is the URL itself; images as
+  their ``alt`` text (so a linked logo reads ``Banca Esempio (https://…)``);
+* headings as ``# Title`` / ``## Title`` on their own paragraph;
+* bulleted lists as ``- item``, numbered lists as ``1. item``;
+* paragraphs, table rows and line breaks as line breaks (newlines in the source are
+  spaces, as in a browser); table cells side by side;
+* nothing of ``<head>``, ``<style>``, ``<script>``, comments (Outlook's conditional
+  comments included) and hidden elements (the preheader ``<span style="display:none">``).
 """
 
 from __future__ import annotations
@@ -11,30 +21,79 @@ import re
 
 _DROP = re.compile(r"<(style|script|head|title)\b[^>]*>.*?</\1\s*>", re.I | re.S)
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
+# a hidden span or div without the same tag nested inside (the preheader idiom)
+_HIDDEN = re.compile(
+    r"<(span|div)\b[^>]*?style\s*=\s*([\"'])[^\"']*?display\s*:\s*none[^\"']*\2[^>]*>"
+    r"(?:(?!<\1\b).)*?</\1\s*>",
+    re.I | re.S,
+)
+_IMG = re.compile(r"<img\b[^>]*>", re.I)
+_ALT = re.compile(r"\balt\s*=\s*(?:\"([^\"]*)\"|'([^']*)')", re.I)
 _LINK = re.compile(r"<a\b[^>]*?\bhref\s*=\s*([\"'])(.*?)\1[^>]*>(.*?)</a\s*>", re.I | re.S)
+_HEADING = re.compile(r"<h([1-6])\b[^>]*>(.*?)</h\1\s*>", re.I | re.S)
+_OL = re.compile(r"<ol\b[^>]*>(.*?)</ol\s*>", re.I | re.S)
 _LI = re.compile(r"<li\b[^>]*>", re.I)
-_BLOCK = re.compile(r"</?(p|div|br|tr|li|h[1-6]|table|hr|ul|ol)\b[^>]*>", re.I)
-_TAG = re.compile(r"<[^>]+>")
-_SPACES = re.compile(r"[ \t\r\f\v]+")
+_PARAGRAPH = re.compile(r"</?(p|table|ul|ol|blockquote|h[1-6])\b[^>]*>", re.I)
+_LINE = re.compile(r"<(br|/?div|/?tr|hr)\b[^>]*>", re.I)
+_CELL = re.compile(r"</t[dh]\s*>", re.I)
+_TAG = re.compile(r"<[^>\x00\x01]+>")
+_SPACES = re.compile(r"[ \t\r\f\v\xa0]+")
 _BLANKS = re.compile(r"\n{3,}")
 
 
+def _image(match: re.Match[str]) -> str:
+    alt = _ALT.search(match.group(0))
+    return f" {(alt.group(1) or alt.group(2) or '').strip()} " if alt else " "
+
+
+def _plain(fragment: str) -> str:
+    return " ".join(html_lib.unescape(_TAG.sub(" ", fragment)).split())
+
+
 def _link(match: re.Match[str]) -> str:
-    href, label = match.group(2), match.group(3)
-    if not href or href.startswith(("#", "mailto:")):
+    raw, label = match.group(2).strip(), match.group(3)
+    href, shown = html_lib.unescape(raw), _plain(label)
+    if not href or href.startswith("#"):
         return label
-    # angle brackets would be taken for a tag below: mark them, restore at the end
-    return f"{label} \x00{href}\x01"
+    if href.lower().startswith("mailto:"):
+        address = href[7:].split("?")[0]
+        return label if address in shown else f"{label} ({address})"
+    if not shown or shown == href or shown.rstrip("/") == href.rstrip("/"):
+        return f"\x00{raw}\x01"
+    return f"{label} \x00({raw})\x01"
+
+
+def _heading(match: re.Match[str]) -> str:
+    level = int(match.group(1))
+    return f"\n\n{'#' * min(level, 3)} {match.group(2)}\n\n"
+
+
+def _numbered(match: re.Match[str]) -> str:
+    count = 0
+
+    def item(_: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        return f"\n{count}. "
+
+    return "\n\n" + _LI.sub(item, match.group(1)) + "\n\n"
 
 
 def html_to_text(html: str) -> str:
-    text = _COMMENT.sub("", _DROP.sub("", html))
+    # newlines in the source are spaces, as a browser sees them; lines come from elements
+    text = _COMMENT.sub("", _DROP.sub("", html)).replace("\r", " ").replace("\n", " ")
+    text = _HIDDEN.sub("", text)
+    text = _IMG.sub(_image, text)
     text = _LINK.sub(_link, text)
+    text = _HEADING.sub(_heading, text)
+    text = _OL.sub(_numbered, text)
     text = _LI.sub("\n- ", text)
-    text = _BLOCK.sub("\n", text)
+    text = _PARAGRAPH.sub("\n\n", text)
+    text = _LINE.sub("\n", text)
+    text = _CELL.sub(" ", text)
     text = _TAG.sub("", text)
     text = html_lib.unescape(_SPACES.sub(" ", text.replace("\n", " \n ")))
-    text = text.replace("\x00", "<").replace("\x01", ">")
+    text = text.replace("\x00", "").replace("\x01", "")
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip() + "\n"
 
