@@ -38,8 +38,10 @@ from recapito.render.template import (
     load_template,
     message_id_for,
 )
+from recapito.render.lint import lint_before_sending
 from recapito.security.policy import TLSPolicy
 from recapito.security.recipient import mx_resolver, recipient_policies
+from recapito.tracking import Tracker, contact_allows_tracking, tracker_for
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
@@ -121,6 +123,12 @@ class CampaignParams(BaseModel):
     mx_limits: dict[str, str] = Field(
         default_factory=dict,
         description='Limits per MX host, e.g. {".mail.protection.outlook.com": "conn=5"}',
+    )
+    tracking: bool = Field(
+        True,
+        description="Rewrite links to click URLs and add an open pixel (needs "
+        "RECAPITO_TRACKING_URL); a contact column 'tracking' set to false turns it off for "
+        "that contact. List-Unsubscribe headers are added either way",
     )
     shared_rate_limit: bool = Field(
         False,
@@ -276,7 +284,7 @@ def _sample_render(
         return
     first = audience.head(1).to_dicts()[0]
     template.render(
-        {**first, "campaign": params.name},
+        {**first, "campaign": params.name, "unsubscribe_url": "https://example.invalid/u/0"},
         sender=params.sender,
         recipient=str(first.get("email") or "sample@example.invalid"),
         message_id=message_id_for(params.name, 0, params.sender_domain),
@@ -344,12 +352,16 @@ def preflight(params: CampaignParams) -> None:
         _check_class_column(params, targeted.audience.columns)
         template.check_variables(targeted.audience.columns)
         _sample_render(template, targeted.audience, params)
+        lint_before_sending(
+            template, targeted.audience, sender=params.sender, campaign=params.name
+        )
 
 
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
     """Target, check the template against the data, plan the ledger rows."""
     template = load_template(params.template)  # fails before anything else on a bad template
     SenderIdentity.from_settings(settings)  # a bad DKIM or VERP key stops it here too
+    tracker_for(settings, params.sender)  # and a bad tracking key
     out = campaign_dir(settings, params.name)
     audience_path = out / "audience.parquet"
     ledger = Ledger(settings.db_url)
@@ -378,6 +390,10 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             _check_class_column(params, audience.columns)
             template.check_variables(audience.columns)
             _sample_render(template, audience, params)
+            # template lint: errors (clipped size, javascript: links...) stop the campaign
+            lint_before_sending(
+                template, audience, sender=params.sender, campaign=params.name, log_warnings=True
+            )
             campaign = ledger.ensure_campaign(
                 params.name,
                 sender=params.sender,
@@ -427,23 +443,36 @@ def chunk_renderer(
     audience: pl.DataFrame,
     params: CampaignParams,
     identity: SenderIdentity | None = None,
+    tracker: Tracker | None = None,
 ) -> Any:
     """Renders one delivery; with ``identity`` the message also gets its signed VERP
-    return path (MAIL FROM) and, when the sender's domain has a key, a DKIM signature."""
+    return path (MAIL FROM) and, when the sender's domain has a key, a DKIM signature.
+    With ``tracker`` it gets the List-Unsubscribe headers and, unless tracking is off for
+    the campaign or the contact, tracked links and an open pixel."""
     rows = {str(r["contact_id"]): r for r in audience.drop("_chunk").to_dicts()}
 
     def render(claim: Claim) -> RenderedMessage:
         context = rows.get(claim.contact_id, {})
         msg_id = message_id_for(params.name, claim.delivery_id, params.sender_domain)
+        headers = {
+            "X-Recapito-Campaign": params.name,
+            "X-Recapito-Delivery": str(claim.delivery_id),
+        }
+        transform = None
+        values = {**context, "campaign": params.name}
+        if tracker is not None:
+            headers.update(tracker.headers(claim.delivery_id))
+            values["unsubscribe_url"] = tracker.body_link(claim.delivery_id)
+            transform = tracker.transform(
+                claim.delivery_id, params.tracking and contact_allows_tracking(context)
+            )
         message = template.render(
-            {**context, "campaign": params.name},
+            values,
             sender=params.sender,
             recipient=claim.address,
             message_id=msg_id,
-            headers={
-                "X-Recapito-Campaign": params.name,
-                "X-Recapito-Delivery": str(claim.delivery_id),
-            },
+            headers=headers,
+            transform=transform,
         )
         if identity is None:
             return message
@@ -483,7 +512,11 @@ def deliver_chunk(
         # task of a 500k audience no longer loads all of it (0.2 s and ~150 MB each time)
         audience = pl.scan_parquet(audience_path).filter(pl.col("_chunk") == chunk).collect()
         renderer = chunk_renderer(
-            template, audience, params, SenderIdentity.from_settings(settings)
+            template,
+            audience,
+            params,
+            SenderIdentity.from_settings(settings),
+            tracker_for(settings, params.sender),
         )
         policies = recipient_policies(settings, store=ledger)
         stats = DeliveryStats()

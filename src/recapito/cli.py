@@ -17,9 +17,12 @@ from typing import Any
 
 import click
 
+from recapito.bounces.cli import bounce
 from recapito.contacts.cli import contacts, demo_data
 from recapito.errors import RecapitoError
+from recapito.render.cli import template as template_group
 from recapito.sandbox.cli import sandbox
+from recapito.tracking.cli import tracking
 
 
 def _first_line(exc: BaseException) -> str:
@@ -458,6 +461,9 @@ def tls_check(
 @click.option("--dns-port", default=5300, show_default=True, help="Sandbox DNS port (0: any).")
 @click.option("--prefect-port", default=4200, show_default=True, help="Local Prefect server port.")
 @click.option(
+    "--tracking-port", default=8800, show_default=True, help="Tracking service port (0: any)."
+)
+@click.option(
     "--tls-policy",
     default="opportunistic",
     show_default=True,
@@ -471,6 +477,7 @@ def demo_cmd(
     dns_port: int,
     prefect_port: int,
     tls_policy: str,
+    tracking_port: int,
 ) -> None:
     """Sandbox + Prefect server + demo contacts + a real campaign, end to end."""
     from recapito.demo import run_demo
@@ -485,6 +492,7 @@ def demo_cmd(
             dns_port=dns_port,
             prefect_port=prefect_port,
             tls_policy=tls_policy,
+            tracking_port=tracking_port,
         )
     )
 
@@ -492,6 +500,9 @@ def demo_cmd(
 main.add_command(sandbox)
 main.add_command(demo_data, name="demo-data")
 main.add_command(contacts)
+main.add_command(template_group)
+main.add_command(bounce)
+main.add_command(tracking)
 
 if __name__ == "__main__":
     main()

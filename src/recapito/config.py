@@ -15,6 +15,14 @@
                          neither, a key is generated in ``$RECAPITO_HOME/secrets/verp-keys`` (0600)
 ``RECAPITO_BOUNCE_DOMAIN`` domain of the VERP return path (default: the sender's domain)
 ``RECAPITO_DKIM_KEYS``   ``domain:selector:/path/key.pem`` entries (comma-separated): DKIM keys
+``RECAPITO_TRACKING_URL`` public base URL of the tracking service (``recapito tracking serve``),
+                         e.g. ``https://t.bank.example``: links are rewritten to it, the open
+                         pixel and the one-click unsubscribe URL point at it; unset: no
+                         tracking, and ``List-Unsubscribe`` carries the mailto: form only
+``RECAPITO_TRACKING_KEYS`` ``id:secret,…`` keys of the tracking tokens (the first signs, all
+                         verify); secret, never logged
+``RECAPITO_TRACKING_KEYS_FILE`` a file of ``id:secret`` lines; with neither, a key is
+                         generated in ``$RECAPITO_HOME/secrets/tracking-keys`` (0600)
 
 ``recapito sandbox up`` writes ``$RECAPITO_HOME/sandbox/settings.json`` with the values that
 point the CLI and the flows at the local mail world; explicit environment variables win.
@@ -42,6 +50,9 @@ SETTING_NAMES = (
     "RECAPITO_VERP_KEYS_FILE",
     "RECAPITO_BOUNCE_DOMAIN",
     "RECAPITO_DKIM_KEYS",
+    "RECAPITO_TRACKING_URL",
+    "RECAPITO_TRACKING_KEYS",
+    "RECAPITO_TRACKING_KEYS_FILE",
 )
 
 
@@ -117,6 +128,9 @@ class Settings:
     verp_keys_file: Path | None = None
     bounce_domain: str | None = None
     dkim_keys: str | None = None
+    tracking_url: str | None = None
+    tracking_keys: str | None = field(default=None, repr=False)  # secret
+    tracking_keys_file: Path | None = None
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> Settings:
@@ -159,6 +173,21 @@ class Settings:
             or any(c.isspace() for c in bounce_domain)
         ):
             raise ConfigError(f"RECAPITO_BOUNCE_DOMAIN={bounce_domain!r}: expected a domain name")
+        tracking_url = (merged.get("RECAPITO_TRACKING_URL") or "").strip().rstrip("/") or None
+        if tracking_url is not None and (
+            not tracking_url.lower().startswith(("https://", "http://"))
+            or any(c.isspace() or c in "\"'<>\\" for c in tracking_url)
+            or "?" in tracking_url
+            or "#" in tracking_url
+        ):
+            raise ConfigError(
+                f"RECAPITO_TRACKING_URL={tracking_url!r}: expected a base URL such as "
+                "https://t.example.com"
+            )
+        tracking_file_text = merged.get("RECAPITO_TRACKING_KEYS_FILE")
+        tracking_file = Path(tracking_file_text) if tracking_file_text else None
+        if tracking_file is not None and not tracking_file.is_file():
+            raise ConfigError(f"RECAPITO_TRACKING_KEYS_FILE={tracking_file_text}: no such file")
         return cls(
             home=home,
             db_url=db_url,
@@ -172,4 +201,7 @@ class Settings:
             verp_keys_file=verp_file,
             bounce_domain=bounce_domain,
             dkim_keys=merged.get("RECAPITO_DKIM_KEYS") or None,
+            tracking_url=tracking_url,
+            tracking_keys=merged.get("RECAPITO_TRACKING_KEYS") or None,
+            tracking_keys_file=tracking_file,
         )

@@ -26,6 +26,8 @@ from recapito.config import Settings, home_dir, sandbox_dir
 PREFECT_HOST = "127.0.0.1"
 PREFECT_PORT = 4200
 TEMPLATE_DIR = Path(__file__).parent / "sandbox" / "demo_template"
+TRACKING_PORT = 8800
+DEMO_SCANNER_WINDOW = 2.0  # seconds: the simulated people act later than this
 
 
 def _say(text: str) -> None:
@@ -98,6 +100,49 @@ class PrefectServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+class DemoTracking:
+    """The tracking service of the demo, in this process, and its simulated readers."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        from recapito.ledger import Ledger
+        from recapito.tracking.service import ServiceThread, TrackingApp
+        from recapito.tracking.store import TrackingStore
+        from recapito.tracking.tokens import TokenSigner, tracking_keyring
+
+        self.ledger = Ledger(settings.db_url)
+        app = TrackingApp(
+            TrackingStore(self.ledger),
+            TokenSigner(tracking_keyring(settings)),
+            scanner_window=DEMO_SCANNER_WINDOW,
+        )
+        try:
+            self.service = ServiceThread(app, "127.0.0.1", port).start()
+        except OSError:  # the port is taken: any free one will do for the demo
+            self.service = ServiceThread(app, "127.0.0.1", 0).start()
+        self.url = self.service.url
+
+    def read(self, campaign: str, maildir: Path) -> dict[str, Any]:
+        from recapito.tracking.reader import simulate_readers
+
+        _say("simulated readers: people, Apple MPP, Gmail's image proxy, link scanners…")
+        return simulate_readers(maildir, campaign, human_after=DEMO_SCANNER_WINDOW + 1.0).as_dict()
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.ledger.close()
+
+
+def tracking_line(report: dict[str, Any], readers: dict[str, Any], url: str) -> str:
+    e = report["engagement"]
+    return (
+        f"Tracking ({url}): opened by {e['opens']['human']:,} people "
+        f"+ {e['opens']['machine']:,} machine opens (Apple MPP, image proxies); "
+        f"clicked by {e['clicks']['human']:,} people + {e['clicks']['scanner']:,} "
+        f"scanner clicks; {e['unsubscribed']:,} unsubscribed "
+        f"[simulated readers of {readers['messages']:,} messages, {readers['errors']} errors]"
+    )
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "recapito.cli", *args], text=True, capture_output=True, check=False
@@ -120,10 +165,12 @@ def run_demo(
     dns_port: int = 5300,
     prefect_port: int = PREFECT_PORT,
     tls_policy: str = "opportunistic",
+    tracking_port: int = TRACKING_PORT,
 ) -> int:
     home = home_dir()
     started_sandbox = False
     server: PrefectServer | None = None
+    tracking: DemoTracking | None = None
     t0 = time.monotonic()
     try:
         if _sandbox_running(home):
@@ -141,6 +188,10 @@ def run_demo(
             os.environ["PREFECT_API_URL"] = server.api_url
         ui_url = os.environ["PREFECT_API_URL"].removesuffix("/api")
         settings = Settings.load()
+        tracking = DemoTracking(settings, tracking_port)
+        # the campaign's messages point at it (the flow's tasks read the settings again)
+        os.environ["RECAPITO_TRACKING_URL"] = tracking.url
+        _say(f"tracking service (opens, clicks, unsubscribe) on {tracking.url}")
         servers_ready = time.monotonic()
 
         from recapito.demo_data import generate, write_csv
@@ -176,7 +227,7 @@ def run_demo(
         flow_run_id = state.state_details.flow_run_id
 
         from recapito.ledger import Ledger
-        from recapito.report import text_summary
+        from recapito.report import campaign_report, text_summary
         from recapito.sandbox.check import compare_with_maildirs
 
         ledger = Ledger(settings.db_url, run_migrations=False)
@@ -186,8 +237,15 @@ def run_demo(
             )
         finally:
             ledger.close()
+        readers = tracking.read(campaign_name, sandbox_dir(settings.home) / "maildir")
+        ledger = Ledger(settings.db_url, run_migrations=False)
+        try:
+            report = campaign_report(ledger, campaign_name)
+        finally:
+            ledger.close()
         print()
         print(text_summary(report))
+        print(tracking_line(report, readers, tracking.url))
         if report["insecure_channel"]:
             print(
                 f"Secure Email ({report['tls_policy']}): insecure_channel "
@@ -226,6 +284,8 @@ def run_demo(
     except KeyboardInterrupt:
         return 130
     finally:
+        if tracking is not None:
+            tracking.stop()
         if server is not None:
             _say("stopping the Prefect server")
             server.stop()

@@ -6,6 +6,7 @@ from typing import Any
 
 from recapito.errors import InputError
 from recapito.ledger import Ledger
+from recapito.tracking.store import engagement
 
 FUNNEL_STATES = ("accepted", "deferred", "failed", "insecure_channel", "uncertain")
 
@@ -48,6 +49,7 @@ def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
         "levels": ledger.level_mix(campaign.id),
         "insecure_channel": ledger.insecure_by_domain(campaign.id),
         "domains": ledger.domain_table(campaign.id),
+        "engagement": engagement(ledger, campaign.id),
     }
 
 
@@ -107,6 +109,7 @@ def funnel_markdown(report: dict[str, Any]) -> str:
                 f"| {row['domain']} | {row['reason']} | {row['best_level']} | "
                 f"{row['recipients']:,} |"
             )
+    lines += engagement_markdown(report, f["accepted"])
     if report["rejections"]:
         lines += ["", "## Rejected at targeting", "", "| reason | rows |", "|---|---:|"]
         for reason, n in sorted(report["rejections"].items(), key=lambda kv: -kv[1]):
@@ -116,6 +119,34 @@ def funnel_markdown(report: dict[str, Any]) -> str:
         for reason, n in sorted(report["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {reason} | {n:,} |")
     return "\n".join(lines) + "\n"
+
+
+def engagement_markdown(report: dict[str, Any], accepted: int) -> list[str]:
+    """Opens and clicks by people, with machine opens and scanner clicks beside."""
+    e = report.get("engagement")
+    if not e:
+        return []
+    opens, clicks = e["opens"], e["clicks"]
+    lines = [
+        "",
+        "## Engagement (unique recipients)",
+        "",
+        "| | people | share of accepted | machines beside |",
+        "|---|---:|---:|---:|",
+        f"| opened | {opens['human']:,} | {_pct(opens['human'], accepted)} | "
+        f"{opens['machine']:,} machine opens |",
+        f"| clicked | {clicks['human']:,} | {_pct(clicks['human'], accepted)} | "
+        f"{clicks['scanner']:,} scanner clicks |",
+        f"| unsubscribed | {e['unsubscribed']:,} | {_pct(e['unsubscribed'], accepted)} | |",
+    ]
+    reasons = [
+        f"{kind} {reason} {n:,}"
+        for kind, by_reason in sorted(e["machine_reasons"].items())
+        for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1])
+    ]
+    if reasons:
+        lines += ["", "Set aside as machines: " + ", ".join(reasons) + "."]
+    return lines
 
 
 def domain_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -151,6 +182,18 @@ def text_summary(report: dict[str, Any]) -> str:
         f"{f['uncertain']:,} uncertain, {f['pending']:,} pending"
         + (f", {f['in_flight']:,} held by a worker" if f["in_flight"] else "")
         + f"; TLS: {tls}"
+        + _engagement_summary(report)
+    )
+
+
+def _engagement_summary(report: dict[str, Any]) -> str:
+    e = report.get("engagement")
+    if not e or (not any(e["hits"].get(k) for k in ("open", "click")) and not e["unsubscribed"]):
+        return ""
+    return (
+        f"; opened by {e['opens']['human']:,} people (+{e['opens']['machine']:,} machine opens), "
+        f"clicked by {e['clicks']['human']:,} (+{e['clicks']['scanner']:,} scanner clicks), "
+        f"{e['unsubscribed']:,} unsubscribed"
     )
 
 

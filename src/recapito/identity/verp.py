@@ -124,18 +124,19 @@ class VerpKeyring:
         return cls.generated(settings.home)
 
     @classmethod
-    def generated(cls, home: Path) -> VerpKeyring:
-        """The keyring kept in ``home/secrets/verp-keys``; created (mode 0600) if absent.
+    def generated(cls, home: Path, name: Path = GENERATED_KEYS_FILE) -> VerpKeyring:
+        """The keyring kept in ``home/name`` (default ``secrets/verp-keys``); created
+        (mode 0600) if absent. Other HMAC keyrings (tracking tokens) use their own ``name``.
 
         Creation is atomic (hard link of a complete file): processes that start at once all
         end up with the same key.
         """
-        path = home / GENERATED_KEYS_FILE
+        path = home / name
         if not path.exists():
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             key_id = "g" + secrets.token_hex(3)
             text = (
-                "# recapito VERP keys (generated): id:secret lines; the first one signs.\n"
+                f"# recapito {path.name} (generated): id:secret lines; the first one signs.\n"
                 f"{key_id}:{secrets.token_urlsafe(32)}\n"
             )
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -134,3 +134,26 @@ mta_sts_policies = sa.Table(
     sa.Column("expires_at", TS, nullable=False),
     sa.Column("policy_sha256", sa.String(64), nullable=False),
 )
+
+# Tracking hits (open pixel fetches and click redirects), one row per request, with how
+# the tracking service judged it (human, machine open, scanner click). Never the full IP
+# address: its /24 (IPv4) or /48 (IPv6) network only.
+tracking_hits = sa.Table(
+    "tracking_hits",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id"), nullable=False),
+    sa.Column("delivery_id", BigId, sa.ForeignKey("deliveries.id"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # open | click
+    sa.Column("class", sa.String(16), nullable=False),  # human | machine | scanner
+    sa.Column("reason", sa.String(64), nullable=False, server_default=""),
+    sa.Column("at", TS, nullable=False),
+    sa.Column("delay_s", sa.Float),  # seconds since the message was accepted
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("link_index", sa.Integer),
+    sa.Column("target", sa.Text),
+    sa.Column("user_agent", sa.String(400)),
+    sa.Column("ip_prefix", sa.String(64)),
+    sa.Index("ix_tracking_hits_campaign_kind", "campaign_id", "kind", "class"),
+    sa.Index("ix_tracking_hits_delivery", "delivery_id"),
+)
