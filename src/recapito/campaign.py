@@ -32,13 +32,13 @@ from recapito.errors import InputError
 from recapito.identity import SenderIdentity
 from recapito.ledger import Claim, Ledger, PlannedDelivery
 from recapito.ledger.store import utcnow
+from recapito.render.lint import lint_before_sending
 from recapito.render.template import (
     CompiledTemplate,
     RenderedMessage,
     load_template,
     message_id_for,
 )
-from recapito.render.lint import lint_before_sending
 from recapito.security.policy import TLSPolicy
 from recapito.security.recipient import mx_resolver, recipient_policies
 from recapito.tracking import Tracker, contact_allows_tracking, tracker_for
@@ -352,9 +352,7 @@ def preflight(params: CampaignParams) -> None:
         _check_class_column(params, targeted.audience.columns)
         template.check_variables(targeted.audience.columns)
         _sample_render(template, targeted.audience, params)
-        lint_before_sending(
-            template, targeted.audience, sender=params.sender, campaign=params.name
-        )
+        lint_before_sending(template, targeted.audience, sender=params.sender, campaign=params.name)
 
 
 def prepare(params: CampaignParams, settings: Settings) -> Prepared:
