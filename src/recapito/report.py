@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from recapito.collect.analysis import bounce_analysis
 from recapito.errors import InputError
 from recapito.ledger import Ledger
 from recapito.tracking.store import engagement
@@ -49,6 +50,7 @@ def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
         "levels": ledger.level_mix(campaign.id),
         "insecure_channel": ledger.insecure_by_domain(campaign.id),
         "domains": ledger.domain_table(campaign.id),
+        "bounces": bounce_analysis(ledger, campaign.id),
         "engagement": engagement(ledger, campaign.id),
     }
 
@@ -118,7 +120,34 @@ def funnel_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Not accepted, by reason", "", "| reason | deliveries |", "|---|---:|"]
         for reason, n in sorted(report["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {reason} | {n:,} |")
+    lines += bounces_markdown(report.get("bounces"))
     return "\n".join(lines) + "\n"
+
+
+def bounces_markdown(bounces: dict[str, Any] | None) -> list[str]:
+    """Bounced deliveries by reason x permanence, plus complaints, auto-replies, warnings."""
+    if not bounces or not (bounces["bounced"] or bounces["events"]):
+        return []
+    lines = [
+        "",
+        "## Bounces",
+        "",
+        f"{bounces['bounced']:,} bounced after acceptance · "
+        f"{bounces['suppressed']:,} addresses suppressed by the collector",
+        "",
+        "| reason | permanent | temporary | unknown | total |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for reason, row in bounces["reasons"].items():
+        lines.append(
+            f"| {reason} | {row.get('permanent', 0):,} | {row.get('temporary', 0):,} | "
+            f"{row.get('unknown', 0):,} | {row['total']:,} |"
+        )
+    others = {k: v for k, v in bounces["events"].items() if k != "bounced"}
+    if others:
+        lines += ["", "| collector event | messages |", "|---|---:|"]
+        lines += [f"| {kind} | {n:,} |" for kind, n in sorted(others.items())]
+    return lines
 
 
 def engagement_markdown(report: dict[str, Any], accepted: int) -> list[str]:

@@ -157,3 +157,26 @@ tracking_hits = sa.Table(
     sa.Index("ix_tracking_hits_campaign_kind", "campaign_id", "kind", "class"),
     sa.Index("ix_tracking_hits_delivery", "delivery_id"),
 )
+
+# Messages read from collector mailboxes (bounces now, PEC receipts later), keyed by the
+# SHA-256 of their raw bytes: a message processed once is never counted again, even when a
+# crash came between the ledger write and the IMAP MOVE. The raw bytes are kept as evidence
+# in ``evidence_path`` (a file under the recapito home, mode 0600).
+inbound_messages = sa.Table(
+    "inbound_messages",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("mailbox", sa.String(400), nullable=False),
+    sa.Column("message_id", sa.String(998)),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("disposition", sa.String(16), nullable=False),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id")),
+    sa.Column("delivery_id", BigId, sa.ForeignKey("deliveries.id")),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("evidence_path", sa.String(400)),
+    sa.Column("detail_json", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("received_at", TS, nullable=False),
+    sa.Index("ix_inbound_messages_source_message_id", "source", "message_id"),
+    sa.Index("ix_inbound_messages_delivery", "delivery_id"),
+)

@@ -5,7 +5,8 @@
 body goes out: a ``sending`` row whose lease ran out is ``uncertain`` (the server may have
 accepted it), never resent without an operator's decision; a ``claimed`` row whose lease
 ran out never got that far and simply goes back to ``planned``. Post-send states
-(bounced, delivered, opened...) come from collectors and are recorded by later issues.
+(bounced, delivered, opened...) come from collectors: the bounce collector moves an
+``accepted``, ``delivered`` or ``uncertain`` row to ``bounced`` (``recapito.collect.bounces``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLAIMED: SEND_OUTCOMES | {State.SENDING, State.PLANNED, State.EXPIRED},
     State.SENDING: SEND_OUTCOMES | {State.UNCERTAIN, State.EXPIRED},
     State.DEFERRED: frozenset({State.CLAIMED, State.EXPIRED, State.SUPPRESSED}),
-    State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED}),
+    # a bounce proves an uncertain message was accepted after all
+    State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED, State.BOUNCED}),
     State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}),
     State.DELIVERED: frozenset({State.BOUNCED}),
     State.FAILED: frozenset({State.PLANNED}),  # only by an operator's resend

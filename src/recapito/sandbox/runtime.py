@@ -8,6 +8,8 @@ detached supervisor process. Either way the running sandbox is described by two 
 - ``settings.json``: ``RECAPITO_DNS``, ``RECAPITO_MX_PORT``, ``RECAPITO_TLS_CA_FILE``,
   ``RECAPITO_HTTPS_PORT`` (the MTA-STS policy server), ``RECAPITO_DANE_RESOLVER`` (the
   validating resolver, when nsd/unbound/ldns are installed: see ``recapito.sandbox.dnssec``),
+  ``RECAPITO_BOUNCE_IMAP_*`` (the bounce mailbox, when Dovecot is installed: see
+  ``recapito.sandbox.imap``; the file is then mode 0600, it holds the mailbox password),
   read by ``recapito.config.Settings.load`` so the CLI and the flows talk to the sandbox;
 - ``state.json``: who owns the sandbox and the PID of every server (``SandboxState``).
 
@@ -22,6 +24,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -39,7 +42,7 @@ from dnslib import DNSError
 import recapito
 from recapito import config
 from recapito.errors import RecapitoError
-from recapito.sandbox import _proc, dnssec, world
+from recapito.sandbox import _proc, dnssec, imap, world
 from recapito.sandbox.certs import (
     KeyPair,
     SandboxPKI,
@@ -103,6 +106,8 @@ class SandboxState:
     dane_resolver_port: int = 0
     https_port: int = 0  # MTA-STS policy server (0 in state files written before it existed)
     https_pid: int = 0
+    imap_port: int = 0  # the bounce mailbox (implicit TLS); 0 when Dovecot is not installed
+    imap_pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -116,7 +121,7 @@ class SandboxState:
     @property
     def child_pids(self) -> list[int]:
         pids = [self.dns_pid, *(s.pid for s in self.servers)]
-        return [*pids, *(p for p in (self.https_pid, self.dnssec_pid) if p)]
+        return [*pids, *(p for p in (self.https_pid, self.dnssec_pid, self.imap_pid) if p)]
 
 
 def state_path(home: Path) -> Path:
@@ -332,6 +337,8 @@ class Sandbox:
         self._pki: SandboxPKI | None = None
         self._dane_port: int | None = None  # unbound, when the DNSSEC tools are installed
         self._dnssec_noted = False
+        self._imap_ports: tuple[int, int] | None = None  # (STARTTLS, implicit TLS)
+        self._imap_password = secrets.token_urlsafe(18)
         self._running = False
 
     # -- paths and settings -----------------------------------------------------------------
@@ -347,6 +354,16 @@ class Sandbox:
     @property
     def maildir_root(self) -> Path:
         return self.sandbox_dir / "maildir"
+
+    @property
+    def bounce_maildir(self) -> Path:
+        """The bounce mailbox's Maildir: the MX servers' DSNs land in its ``new`` folder."""
+        return imap.bounce_maildir(self.sandbox_dir)
+
+    @property
+    def imap_ports(self) -> tuple[int, int] | None:
+        """(STARTTLS port, implicit-TLS port) of the bounce mailbox, None without Dovecot."""
+        return self._imap_ports
 
     @property
     def log_dir(self) -> Path:
@@ -415,6 +432,17 @@ class Sandbox:
             settings["RECAPITO_DANE_RESOLVER"] = f"{DNS_ADDRESS}:{self._dane_port}"
         if self._dkim_keys:
             settings["RECAPITO_DKIM_KEYS"] = dkim_setting(self._dkim_keys)
+        if self._imap_ports:
+            settings.update(
+                {
+                    "RECAPITO_BOUNCE_IMAP_HOST": world.IMAP_SERVER.host,
+                    "RECAPITO_BOUNCE_IMAP_PORT": str(self._imap_ports[1]),
+                    "RECAPITO_BOUNCE_IMAP_SECURITY": "tls",
+                    "RECAPITO_BOUNCE_IMAP_USER": world.BOUNCE_MAILBOX_USER,
+                    "RECAPITO_BOUNCE_IMAP_PASSWORD": self._imap_password,
+                    "RECAPITO_BOUNCE_IMAP_CA_FILE": str(self.ca_file),
+                }
+            )
         return settings
 
     def messages(self) -> list[StoredMessage]:
@@ -464,6 +492,12 @@ class Sandbox:
             ) from exc
         self.maildir_root.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            imap.prepare_maildir(self.bounce_maildir)
+        except (OSError, KeyError) as exc:
+            raise SandboxError(
+                f"cannot create the bounce mailbox {self.bounce_maildir}: {exc}"
+            ) from exc
 
         # A port picked as free can be taken by someone else before the child binds it;
         # only then is another try worth it.
@@ -495,6 +529,7 @@ class Sandbox:
     def stop(self) -> None:
         """Stop every child (SIGTERM, then SIGKILL) and remove settings.json and state.json."""
         self._terminate_children()
+        imap.remove_mail_root(self.sandbox_dir)
         if self._running:
             state = read_state(self.home)
             if state is not None and state.owner_pid == os.getpid():
@@ -549,6 +584,7 @@ class Sandbox:
         spec_dir.mkdir(parents=True, exist_ok=True)
         spec_file = spec_dir / f"{name}.json"
         _atomic_write_text(spec_file, spec_json)
+        os.chmod(spec_file, 0o600)  # the IMAP spec holds the mailbox password
         log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         try:
             process = subprocess.Popen(
@@ -586,6 +622,7 @@ class Sandbox:
             certs={h: (str(p.cert), str(p.key)) for h, p in self._policy_certs.items()},
         )
         self._spawn("https", "recapito.sandbox.https", https_spec.to_json())
+        self._launch_imap(owner)
         for server in world.MX_SERVERS:
             pair = self._pki.leaves.get(server.host)
             spec = MXProcessSpec(
@@ -597,6 +634,7 @@ class Sandbox:
                 key_file=str(pair.key) if pair and server.posture != "plain" else None,
                 maildir_root=str(self.maildir_root),
                 parent_pid=owner,
+                bounce_maildir=str(self.bounce_maildir),
             )
             self._spawn(server.host, "recapito.sandbox.servers", spec.to_json())
         self._await_ready(time.monotonic() + self.startup_timeout)
@@ -640,6 +678,47 @@ class Sandbox:
         )
         self._spawn("dnssec", "recapito.sandbox.dnssec", spec.to_json())
         self._dane_port = spec.resolver_port
+
+    def _launch_imap(self, owner: int) -> None:
+        """The bounce mailbox (Dovecot), when Dovecot is installed."""
+        self._imap_ports = None
+        if not imap.available():
+            with contextlib.suppress(OSError), open(self.log_dir / "imap.log", "a") as log:
+                log.write(
+                    f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} no IMAP bounce "
+                    f"mailbox in this sandbox: dovecot not found; install with "
+                    f"{imap.INSTALL_HINT}\n"
+                )
+            return
+        assert self._pki is not None
+        pki = ensure_certificates(self.sandbox_dir, [world.IMAP_SERVER])
+        pair = pki.leaves[world.IMAP_SERVER.host]
+        taken = {self.mx_port, self.dns_port, self._https_port}
+        ports: list[int] = []
+        for _ in range(50):
+            port = free_https_port(tuple(taken))
+            if port not in ports:
+                ports.append(port)
+                taken.add(port)
+            if len(ports) == 2:
+                break
+        else:
+            raise SandboxError("cannot find two free TCP ports on 127.0.0.1 for IMAP")
+        spec = imap.IMAPProcessSpec(
+            address=world.IMAP_SERVER.address,
+            starttls_port=ports[0],
+            tls_port=ports[1],
+            work_dir=str(self.sandbox_dir / "imap"),
+            log_dir=str(self.log_dir),
+            cert_file=str(pair.cert),
+            key_file=str(pair.key),
+            user=world.BOUNCE_MAILBOX_USER,
+            password=self._imap_password,
+            parent_pid=owner,
+            mail_root=str(imap.mail_root(self.sandbox_dir)),
+        )
+        self._spawn("imap", "recapito.sandbox.imap", spec.to_json())
+        self._imap_ports = (ports[0], ports[1])
 
     def _await_ready(self, deadline: float) -> None:
         """Read each child's READY/ERROR line; raise on the first error or at the deadline."""
@@ -714,6 +793,8 @@ class Sandbox:
     def _write_files(self) -> None:
         settings = self.env()
         _atomic_write_text(self.settings_path, json.dumps(settings, indent=2) + "\n")
+        if self._imap_ports:
+            os.chmod(self.settings_path, 0o600)  # it holds the bounce mailbox's password
         by_name = {child.name: child.process.pid for child in self._children}
         state = SandboxState(
             owner_pid=os.getpid(),
@@ -733,6 +814,8 @@ class Sandbox:
             dane_resolver_port=self._dane_port or 0,
             https_port=self.https_port,
             https_pid=by_name["https"],
+            imap_port=self._imap_ports[1] if self._imap_ports else 0,
+            imap_pid=by_name.get("imap", 0),
         )
         _atomic_write_text(state_path(self.home), state.to_json() + "\n")
 

@@ -13,6 +13,12 @@ its own loopback address and the shared MX port. What a server does is fixed by 
 - ``legacy``: STARTTLS with TLS 1.0/1.1 only;
 - ``flapping``: STARTTLS on its first ``FLAPPING_TLS_CONNECTIONS`` connections, then never.
 
+Every server, whatever its posture, accepts a recipient whose local part carries one of
+``world.BOUNCE_LATER_MARKERS`` and then, instead of storing the message, writes an RFC 3464
+delivery status notification addressed to the envelope sender into the bounce mailbox's
+Maildir (``MXProcessSpec.bounce_maildir``, served over IMAP by ``recapito.sandbox.imap``):
+a recipient that is "accepted now, bounced later", as behind a real relay.
+
 STARTTLS is always optional (``require_starttls=False``), as on the public Internet. Accepted
 mail is written once per accepted recipient into ``<maildir root>/<domain>/new`` (see
 ``recapito.sandbox.maildir``) before DATA is answered.
@@ -24,6 +30,7 @@ Run one server: ``python -m recapito.sandbox.servers '<MXProcessSpec as JSON>'``
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import ssl
@@ -61,6 +68,7 @@ class MXProcessSpec:
     parent_pid: int
     greylist_delay: float = world.GREYLIST_DELAY_SECONDS
     data_size_limit: int = DATA_SIZE_LIMIT
+    bounce_maildir: str | None = None  # where DSNs for "bounce later" recipients go
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -118,9 +126,11 @@ class SandboxHandler:
         writer: MaildirWriter,
         greylist_delay: float = world.GREYLIST_DELAY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        bouncer: DsnWriter | None = None,
     ) -> None:
         self.server = server
         self.writer = writer
+        self.bouncer = bouncer
         self.greylist_delay = greylist_delay
         self._clock = clock
         self._first_try: dict[tuple[str, str], float] = {}
@@ -164,6 +174,11 @@ class SandboxHandler:
         queue_id = self.writer.unique_name()
         try:
             for recipient in envelope.rcpt_tos:
+                later = world.bounce_later(recipient) if self.bouncer else None
+                if later is not None and self.bouncer is not None:
+                    if mail_from:  # never bounce a bounce (null return path)
+                        self.bouncer.bounce(mail_from, recipient, later, content, queue_id)
+                    continue
                 prefix = trace_headers(mail_from, recipient, self.server.host, tls)
                 self.writer.deliver(recipient, prefix, content)
         except OSError as exc:
@@ -171,6 +186,101 @@ class SandboxHandler:
             log.error("cannot store a message: %s", exc)
             return "451 4.3.0 Error: cannot store the message, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+def make_dsn(
+    mail_from: str,
+    recipient: str,
+    status: str,
+    diagnostic: str,
+    reporting_mta: str,
+    original: bytes,
+    queue_id: str,
+) -> bytes:
+    """An RFC 3464 DSN (``Action: failed``) for ``recipient``, addressed to ``mail_from``.
+
+    Shaped like Postfix's: a human-readable part, the ``message/delivery-status`` part and
+    the returned message's header block (``text/rfc822-headers``).
+    """
+    now = email.utils.formatdate(localtime=False)
+    boundary = f"{queue_id}.{int(time.time() * 1000)}/{reporting_mta}"
+    head, sep, _ = original.partition(b"\r\n\r\n")
+    if not sep:
+        head = original.partition(b"\n\n")[0]
+    returned = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    text = (
+        f"Return-Path: <>\r\n"
+        f"Delivered-To: {mail_from}\r\n"
+        f"Date: {now}\r\n"
+        f"From: MAILER-DAEMON@{reporting_mta} (Mail Delivery System)\r\n"
+        f"Subject: Undelivered Mail Returned to Sender\r\n"
+        f"To: {mail_from}\r\n"
+        f"Auto-Submitted: auto-replied\r\n"
+        f"Message-ID: <{queue_id}.dsn@{reporting_mta}>\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f"Content-Type: multipart/report; report-type=delivery-status;\r\n"
+        f'\tboundary="{boundary}"\r\n'
+        f"Content-Transfer-Encoding: 8bit\r\n"
+        f"\r\n"
+        f"This is a MIME-encapsulated message.\r\n"
+        f"\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Description: Notification\r\n"
+        f"Content-Type: text/plain; charset=us-ascii\r\n"
+        f"\r\n"
+        f"This is the mail system at host {reporting_mta}.\r\n"
+        f"\r\n"
+        f"I'm sorry to have to inform you that your message could not\r\n"
+        f"be delivered to one or more recipients. It's attached below.\r\n"
+        f"\r\n"
+        f"<{recipient}>: {diagnostic}\r\n"
+        f"\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Description: Delivery report\r\n"
+        f"Content-Type: message/delivery-status\r\n"
+        f"\r\n"
+        f"Reporting-MTA: dns; {reporting_mta}\r\n"
+        f"X-Postfix-Queue-ID: {queue_id}\r\n"
+        f"X-Postfix-Sender: rfc822; {mail_from}\r\n"
+        f"Arrival-Date: {now}\r\n"
+        f"\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\n"
+        f"Original-Recipient: rfc822;{recipient}\r\n"
+        f"Action: failed\r\n"
+        f"Status: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diagnostic}\r\n"
+        f"\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Description: Undelivered Message Headers\r\n"
+        f"Content-Type: text/rfc822-headers\r\n"
+        f"\r\n"
+    ).encode("utf-8", "surrogateescape")
+    return text + returned + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+class DsnWriter:
+    """Writes DSNs into the bounce mailbox's Maildir (``new``), owned by the mail user."""
+
+    def __init__(self, maildir: Path, reporting_mta: str) -> None:
+        self.maildir = maildir
+        self.reporting_mta = reporting_mta
+        self._writer = MaildirWriter(maildir, f"dsn.{reporting_mta}")
+
+    def bounce(
+        self,
+        mail_from: str,
+        recipient: str,
+        verdict: tuple[str, str],
+        original: bytes,
+        queue_id: str,
+    ) -> Path:
+        status, diagnostic = verdict
+        dsn = make_dsn(
+            mail_from, recipient, status, diagnostic, self.reporting_mta, original, queue_id
+        )
+        for sub in ("tmp", "new", "cur"):
+            (self.maildir / sub).mkdir(parents=True, exist_ok=True)
+        return self._writer._write(self.maildir, b"", dsn)
 
 
 class SandboxSMTP(SMTP):
@@ -273,7 +383,8 @@ def smtp_factory(spec: MXProcessSpec, loop: asyncio.AbstractEventLoop) -> Callab
     """The protocol factory ``loop.create_server`` calls for every new connection."""
     server = spec.server
     writer = MaildirWriter(Path(spec.maildir_root), server.host)
-    handler = SandboxHandler(server, writer, spec.greylist_delay)
+    bouncer = DsnWriter(Path(spec.bounce_maildir), server.host) if spec.bounce_maildir else None
+    handler = SandboxHandler(server, writer, spec.greylist_delay, bouncer=bouncer)
     context = tls_context(spec.posture, spec.cert_file, spec.key_file)
     connections = 0
 

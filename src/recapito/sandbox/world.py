@@ -64,6 +64,32 @@ FLAPPING_TLS_CONNECTIONS = 2
 DEAD_MX = MXServer("mx.dead.sandbox.test", "127.0.0.29", "tls13")  # never listens
 MX_BY_POSTURE: dict[str, MXServer] = {s.posture: s for s in MX_SERVERS}
 
+# Accepted at RCPT, undeliverable later: every sandbox MX server accepts a recipient whose
+# local part contains one of these markers, then writes an RFC 3464 delivery status
+# notification to the envelope sender (the signed VERP return path) into the bounce mailbox
+# instead of storing the message. Marker -> (status, diagnostic text of the remote MTA).
+BOUNCE_LATER_MARKERS: dict[str, tuple[str, str]] = {
+    "trasferito": ("5.1.1", "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"),
+    "casellapiena": ("5.2.2", "552 5.2.2 <{rcpt}>: Mailbox full: quota exceeded"),
+    "disattivato": ("5.2.1", "550 5.2.1 <{rcpt}>: Mailbox disabled, not accepting messages"),
+}
+# The bounce mailbox (a Dovecot IMAP user) and the name on its certificate: the collector
+# connects to ``localhost`` and verifies that name against the sandbox CA.
+BOUNCE_MAILBOX_USER = "bounces"
+IMAP_SERVER = MXServer("localhost", "127.0.0.1", "tls13")
+# The host name the sandbox's DSNs say they come from (Reporting-MTA).
+BOUNCE_REPORTING_SUFFIX = "sandbox.test"
+
+
+def bounce_later(address: str) -> tuple[str, str] | None:
+    """(status, diagnostic) when ``address`` is accepted now and bounced later, else None."""
+    local = address.rpartition("@")[0].lower()
+    for marker, (status, text) in BOUNCE_LATER_MARKERS.items():
+        if marker in local:
+            return status, text.format(rcpt=address)
+    return None
+
+
 # Greylisting: a sender/recipient pair is refused until this many seconds after its first try.
 GREYLIST_DELAY_SECONDS = 1.0
 # The rejecting MX answers 550 5.1.1 for local parts containing one of these markers.

@@ -1,0 +1,1 @@
+"""Collectors: mailboxes the product reads back (bounces now, PEC receipts later)."""
