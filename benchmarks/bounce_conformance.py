@@ -305,10 +305,14 @@ def main() -> int:
         for line in result["mismatches"]:
             print(line)
         print()
-    print(f"corpus {result['corpus']}: {result['messages']} messages, "
-          f"{result['labelled_rows']} labelled rows")
-    print(f"{'family':28} {'rows':>5} {'reason':>6} {'status':>6} {'hard':>6} {'rcpt':>6} "
-          f"{'bounce':>6}")
+    print(
+        f"corpus {result['corpus']}: {result['messages']} messages, "
+        f"{result['labelled_rows']} labelled rows"
+    )
+    print(
+        f"{'family':28} {'rows':>5} {'reason':>6} {'status':>6} {'hard':>6} {'rcpt':>6} "
+        f"{'bounce':>6}"
+    )
     for family, cells in result["families"].items():
         rows = cells.get("reason", {"total": 0})["total"]
         print(

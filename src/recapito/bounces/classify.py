@@ -232,17 +232,23 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"domain (name )?(does not|doesn't|doesnt) exist",
             r"no such (domain|host)",
             r"domain (is )?(not found|unknown|invalid|not valid)",
-            r"name service error",
-            r"dns error",
             r"no (mx|mail exchanger|valid mx|mx or a) (record|host)s?",
             r"null mx",
             r"(host|domain) does not (accept|receive) (e-?)?mail",
             r"doesn't receive e-?mail",
             r"does not accept mail",
             r"not accepting (any )?mail",
-            r"nxdomain",
             r"domain (has )?no (mx|mail)",
             r"dominio (inesistente|sconosciuto|non (esiste|valido|trovato))",
+        ),
+    ),
+    (
+        "remote_temporary",
+        _rx(
+            r"name service error",
+            r"dns error",
+            r"dns (lookup|resolution) (failure|failed|error)",
+            r"host not found, try again",
         ),
     ),
     (
@@ -386,6 +392,11 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"contenuto (non consentito|rifiutato|bloccato)",
         ),
     ),
+)
+
+# Broad wordings ("policy", "refused", "temporary failure"): they say less than a specific
+# enhanced status code, so they are weighed after it.
+WEAK_TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "expired",
         _rx(
@@ -407,11 +418,6 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"scadut[oa] (il tempo|la consegna)",
         ),
     ),
-)
-
-# Broad wordings ("policy", "refused", "temporary failure"): they say less than a specific
-# enhanced status code, so they are weighed after it.
-WEAK_TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "recipient_policy",
         _rx(
@@ -564,6 +570,12 @@ PROVIDER_RULES: tuple[tuple[str, str | None, re.Pattern[str] | None, str], ...] 
     ("google", "1.1", None, "user_unknown"),
     ("google", "7.1", re.compile(r"unsolicited|rate|spam", re.I), "spam_rejected"),
     ("google", "7.1", re.compile(r"ip.*(reputation|poor)", re.I), "reputation_block"),
+    (
+        "google",
+        None,
+        re.compile(r"groups\.google|googlegroups|google groups|'send mail as'", re.I),
+        "sender_rejected",
+    ),
     # Microsoft (Exchange Online, Outlook.com, Hotmail)
     ("microsoft", "7.708", None, "reputation_block"),
     ("microsoft", "7.705", None, "reputation_block"),

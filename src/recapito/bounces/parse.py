@@ -23,6 +23,7 @@ and comes back as whatever could be read of it.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import re
 from collections.abc import Iterator
@@ -102,10 +103,8 @@ def _header(msg: Message, name: str) -> str:
         return ""
     text = str(value)
     if "=?" in text:
-        try:
+        with contextlib.suppress(Exception):  # a broken encoded word: keep it as it is
             text = str(make_header(decode_header(text)))
-        except Exception:  # a broken encoded word: keep it as it is
-            pass
     return " ".join(text.split())
 
 
@@ -234,6 +233,7 @@ class _Draft:
     diagnostic: str = ""
     remote_mta: str | None = None
     context: str = ""  # notice text about this recipient
+    notice: str = ""  # the whole notice (a last resort for the reason)
 
 
 def _normal_action(value: str | None) -> str | None:
@@ -312,11 +312,27 @@ def _split_notice(text: str) -> tuple[str, str]:
 # ---- families and providers ---------------------------------------------------------------
 
 _FAMILY_SIGNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("gmail", re.compile(r"mail delivery subsystem <mailer-daemon@(?:googlemail|google)\.com", re.I)),
-    ("exim", re.compile(r"^x-failed-recipients:|\bexim\b|this message was created automatically by mail delivery software", re.I | re.M)),
+    (
+        "gmail",
+        re.compile(r"mail delivery subsystem <mailer-daemon@(?:googlemail|google)\.com", re.I),
+    ),
+    (
+        "exim",
+        re.compile(
+            r"^x-failed-recipients:|\bexim\b|"
+            r"this message was created automatically by mail delivery software",
+            re.I | re.M,
+        ),
+    ),
     ("postfix", re.compile(r"this is the mail system at host|^x-postfix|\bpostfix\b", re.I | re.M)),
     ("qmail", re.compile(r"this is the qmail-send program|\bqmail\b", re.I)),
-    ("exchange", re.compile(r"^x-ms-exchange|msexch|microsoft exchange|^x-mimeole: produced by microsoft exchange", re.I | re.M)),
+    (
+        "exchange",
+        re.compile(
+            r"^x-ms-exchange|msexch|microsoft exchange|^x-mimeole: produced by microsoft exchange",
+            re.I | re.M,
+        ),
+    ),
     ("sendmail", re.compile(r"transcript of session follows|\bsendmail\b", re.I)),
     ("domino", re.compile(r"lotus domino|\bdomino\b|x-notes", re.I)),
     ("courier", re.compile(r"courier mail server|\bcourier\b", re.I)),
@@ -327,7 +343,10 @@ _FAMILY_SIGNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 _PROVIDERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("google", re.compile(r"google|gmail|1e100\.net", re.I)),
-    ("microsoft", re.compile(r"outlook|hotmail|protection\.outlook|exchangelabs|live\.com|msn\.com", re.I)),
+    (
+        "microsoft",
+        re.compile(r"outlook|hotmail|protection\.outlook|exchangelabs|live\.com|msn\.com", re.I),
+    ),
     ("yahoo", re.compile(r"yahoo|\baol\b|aol\.com|yahoodns", re.I)),
     ("apple", re.compile(r"icloud|\bme\.com|mac\.com|apple", re.I)),
 )
@@ -359,8 +378,9 @@ _AUTO_SUBJECT = re.compile(
     re.I,
 )
 _NDR_SUBJECT = re.compile(
-    r"undeliver|undelivered|returned mail|return(?:ed)? to sender|failure notice|delivery (?:status|"
-    r"failure|failed|notification|problem|report)|mail delivery|could not be delivered|"
+    r"undeliver|undelivered|returned mail|return(?:ed)? to sender|failure notice|"
+    r"delivery (?:status|failure|failed|notification|problem|report)|mail delivery|"
+    r"could not be delivered|"
     r"non ?recapitabil|mancato recapito|impossibile recapitare|errore di consegna|"
     r"nondeliverable|non-delivery|not delivered|bounce|rejected|failed|warning|delayed|"
     r"message status|notification",
@@ -446,15 +466,8 @@ def _clean(text: str) -> str:
 
 def _load(raw: bytes) -> Message:
     data = raw[:MAX_BYTES]
-    head_end = data.find(b"\n\n")
     if data.count(b"boundary=") > MAX_BOUNDARIES or data.count(b"BOUNDARY=") > MAX_BOUNDARIES:
-        # a MIME bomb: the top headers, and the first part of the body as plain text
-        head = data[: head_end if head_end >= 0 else 64_000][:64_000]
-        body = data[len(head) : len(head) + 64_000] if head_end >= 0 else b""
-        msg = message_from_bytes(head + b"\n\n", policy=compat32)
-        del msg["Content-Type"]
-        msg.set_payload(body.decode("latin-1"))
-        return msg
+        raise _Bomb  # a MIME bomb: not a bounce, whatever it claims
     try:
         return message_from_bytes(data, policy=compat32)
     except (RecursionError, MemoryError, ValueError, IndexError, TypeError):
@@ -493,8 +506,15 @@ def _verp(msg: Message) -> str | None:
     return present[0] if present else None
 
 
+class _Bomb(Exception):
+    """More MIME structure than any bounce has: read no further."""
+
+
 def _parse(raw: bytes) -> BounceReport:
-    msg = _load(raw)
+    try:
+        msg = _load(raw)
+    except _Bomb:
+        return BounceReport("not_bounce", False, (), None, None, None, None, None)
     subject = _header(msg, "Subject")
     top_from = _header(msg, "From")
     notices: list[str] = []
@@ -594,7 +614,13 @@ def _parse(raw: bytes) -> BounceReport:
             for a in addresses
         )
         return BounceReport(
-            "arf", False, recs, family, message_id, verp, delivery,
+            "arf",
+            False,
+            recs,
+            family,
+            message_id,
+            verp,
+            delivery,
             _typed_value(fields.get("original-envelope-id", "")) or None,
         )
 
@@ -611,7 +637,11 @@ def _parse(raw: bytes) -> BounceReport:
         None,
     )
     own = {a for a in (_address_of(top_from), verp, original_from) if a}
-    own.update(a for a in (_address_of(_header(msg, h)) for h in ("To", "Delivered-To", "X-Original-To")) if a)
+    own.update(
+        a
+        for a in (_address_of(_header(msg, h)) for h in ("To", "Delivered-To", "X-Original-To"))
+        if a
+    )
 
     kind = "dsn" if drafts else ""
     if not drafts:
@@ -666,7 +696,7 @@ def _parse(raw: bytes) -> BounceReport:
                 end = later[0] if later else len(notice)
                 end = notice.rfind("\n", 0, end) + 1 or end
                 context = notice[start:end] if end > start else notice[start:]
-            drafts.append(_Draft(recipient=address, action=action, context=context))
+            drafts.append(_Draft(recipient=address, action=action, context=context, notice=notice))
         if not drafts:
             drafts.append(_Draft(recipient=None, action=action, context=notice))
     else:
@@ -690,16 +720,20 @@ def _parse(raw: bytes) -> BounceReport:
 
     records = tuple(_record(d, family) for d in drafts)
     failed = any(r.action == "failed" for r in records)
-    if kind == "dsn" and not failed and any(r.action == "delayed" for r in records):
-        kind = "delayed_warning"
-    elif kind == "free_text" and not failed:
+    delayed_only = not failed and any(r.action == "delayed" for r in records)
+    if (kind == "dsn" and delayed_only) or (kind == "free_text" and not failed):
         kind = "delayed_warning"
     return BounceReport(kind, failed, records, family, message_id, verp, delivery, envid)
 
 
 _FILLER_STATUS = re.compile(r"^[245]\.0\.0$")
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("data", re.compile(r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data", re.I)),
+    (
+        "data",
+        re.compile(
+            r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data", re.I
+        ),
+    ),
     ("mail", re.compile(r"(in reply to|after) mail from|smtp command:? mail\b", re.I)),
     ("rcpt", re.compile(r"(in reply to|after) rcpt to|did not like our rcpt|>>> rcpt to", re.I)),
     (
@@ -711,7 +745,13 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
-_SENDER_PHASE = {"user_unknown", "domain_invalid", "unknown", "recipient_policy", "mailbox_disabled"}
+_SENDER_PHASE = {
+    "user_unknown",
+    "domain_invalid",
+    "unknown",
+    "recipient_policy",
+    "mailbox_disabled",
+}
 
 
 def _phase(text: str) -> str | None:
@@ -721,7 +761,9 @@ def _phase(text: str) -> str | None:
     return None
 
 
-def _phase_adjusted(reason: str, scope: str | None, text: str) -> tuple[str, str | None]:
+def _phase_adjusted(
+    reason: str, scope: str | None, text: str, address_level: bool = True
+) -> tuple[str, str | None]:
     """The SMTP phase changes what a vague or address-level reply means: refused before
     MAIL FROM it is about the sending host; at MAIL FROM, about the sender; an "unknown
     user" after DATA (the RCPT was accepted) is the recipient's filter."""
@@ -730,7 +772,8 @@ def _phase_adjusted(reason: str, scope: str | None, text: str) -> tuple[str, str
         return "reputation_block", "sender"
     if phase == "mail" and reason in _SENDER_PHASE:
         return "sender_rejected", "sender"
-    if phase == "data" and reason == "user_unknown":
+    if reason == "user_unknown" and phase != "rcpt" and not address_level:
+        # "unknown user" not at RCPT TO and without an X.1.X status: a filter's answer
         return "recipient_policy", "recipient"
     return reason, scope
 
@@ -754,8 +797,14 @@ def _record(draft: _Draft, family: str | None) -> BounceRecipient:
         reason, permanence, scope, confidence = classify(code, status, text, provider)
         if reason == "unknown" and diagnostic and context:
             reason, permanence, scope, confidence = classify(code, status, context, provider)
-        reason, scope = _phase_adjusted(reason, scope, text or context)
-        if reason in ("remote_temporary", "unknown") and (status or "")[:1] == "4":
+        if reason == "unknown" and draft.notice and draft.notice != draft.context:
+            whole = _clean(draft.notice)
+            reason, permanence, scope, confidence = classify(
+                code or _reply_code(whole), status or find_status(whole), whole, provider
+            )
+        address_level = bool(status and status[2:4] == "1.") or code is None
+        reason, scope = _phase_adjusted(reason, scope, text or context, address_level)
+        if reason == "unknown" and (status or "")[:1] == "4":
             # a temporary failure the MTA gave up on: the message expired in its queue
             reason, permanence, scope = "expired", "temporary", "domain"
     return BounceRecipient(
