@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -207,8 +208,48 @@ _BUILTINS = frozenset(
 )
 
 
+_LOADED: dict[tuple[str, bytes], CompiledTemplate] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def _source_key(path: str | Path) -> tuple[str, bytes] | None:
+    """The folder and a hash of every file in it (a template is a few small files); None
+    when it cannot be read (``_compile_template`` then reports why)."""
+    root = Path(path)
+    folder = root if root.is_dir() else root.parent
+    digest = hashlib.sha256(str(root).encode())
+    try:
+        for item in sorted(folder.iterdir()):
+            if item.is_file() and item.stat().st_size <= 4 * 1024 * 1024:
+                digest.update(item.name.encode() + b"\0" + item.read_bytes() + b"\0")
+    except OSError:
+        return None
+    return str(folder.resolve()), digest.digest()
+
+
 def load_template(path: str | Path) -> CompiledTemplate:
-    """Read and compile a template folder (or its ``template.toml``)."""
+    """Read and compile a template folder (or its ``template.toml``).
+
+    Compiled once per process: a campaign's chunk tasks load the same folder again and
+    again, and get the compiled template back as long as no file in it changed (MJML
+    compilation and CSS inlining take milliseconds, rendering a message well under one).
+    """
+    key = _source_key(path)
+    if key is None:
+        return _compile_template(path)
+    with _LOADED_LOCK:
+        cached = _LOADED.get(key)
+    if cached is not None:
+        return cached
+    compiled = _compile_template(path)
+    with _LOADED_LOCK:
+        if len(_LOADED) >= 64:
+            _LOADED.clear()
+        _LOADED[key] = compiled
+    return compiled
+
+
+def _compile_template(path: str | Path) -> CompiledTemplate:
     root = Path(path)
     if root.exists() and not root.is_dir() and root.suffix != ".toml":
         raise TemplateError(
