@@ -120,7 +120,8 @@ class Verdict:
 
 
 def _rx(*alternatives: str) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{a})" for a in alternatives), re.I)
+    # matched against lower-cased text: much faster than re.IGNORECASE
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
 # ---- the text table ----------------------------------------------------------------------
@@ -627,8 +628,9 @@ def text_reason(text: str, *, weak: bool = False) -> str | None:
     """The reason the text table gives (the broad wordings with ``weak``), or None."""
     if not text:
         return None
+    low = text.lower()
     for reason, pattern in WEAK_TEXT_RULES if weak else TEXT_RULES:
-        if pattern.search(text):
+        if pattern.search(low):
             return reason
     return None
 
