@@ -30,6 +30,7 @@ _HREF = re.compile(r"""(\shref\s*=\s*)(?:"([^"]*)"|'([^']*)'|([^\s>"']+))""", re
 _NOTRACK = re.compile(r"\sdata-notrack\b", re.IGNORECASE)
 _TEXT_URL = re.compile(r"""https?://[^\s<>"'()\[\]{}]+""", re.IGNORECASE)
 _TRAILING = ".,;:!?"
+_SPACE = re.compile(r"\s")  # one C scan, not a generator over every character
 _BODY_END = "</body>"
 
 # values of a contact's ``tracking`` column that switch tracking off for that contact
@@ -91,7 +92,7 @@ class Tracker:
         low = url[:8].lower()
         if not (low.startswith("https://") or low.startswith("http://")):
             return False
-        if len(url) > MAX_TARGET_LENGTH or any(c.isspace() for c in url):
+        if len(url) > MAX_TARGET_LENGTH or _SPACE.search(url):
             return False
         return not (self.base_url is not None and url.startswith(self.base_url + "/"))
 
