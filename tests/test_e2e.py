@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def test_demo_path_delivers_every_accepted_message_exactly_once(tmp_path: Path) 
     assert result.returncode == 0, output[-4000:]
     assert "0 missing, 0 duplicated, 0 unexpected" in output
     assert "Prefect UI: http://127.0.0.1:" in output
+    # the simulated audience: people and machines both opened and clicked
+    tracking = re.search(
+        r"opened by ([\d,]+) people \+ ([\d,]+) machine opens .*clicked by ([\d,]+) people "
+        r"\+ ([\d,]+) scanner clicks.*, 0 errors\]",
+        output,
+    )
+    assert tracking is not None, output[-4000:]
+    assert all(int(n.replace(",", "")) > 0 for n in tracking.groups()), tracking.group(0)
 
     # check independently: ledger rows against the Maildirs the MX servers wrote
     home = tmp_path / "var"
