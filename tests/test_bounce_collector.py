@@ -455,3 +455,20 @@ def test_sandbox_bounces_later_reach_the_report(
         assert campaign_report(ledger, name)["bounces"] == bounces
     finally:
         ledger.close()
+
+
+@pytest.mark.prefect
+def test_bounce_collector_flow(
+    prefect_harness: None, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if sandbox.imap_ports is None:
+        pytest.skip("the sandbox runs without Dovecot")
+    from flows.bounce_collector import bounce_collector_flow
+
+    monkeypatch.setenv("RECAPITO_HOME", str(tmp_path))
+    for key, value in sandbox.env().items():
+        monkeypatch.setenv(key, value)
+    result = bounce_collector_flow()
+    assert result["mailbox"].startswith("bounces@localhost")
+    assert result["seen"] == result["archived"] + result["quarantined"]
+    assert "password" not in json.dumps(result).lower()

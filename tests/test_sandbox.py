@@ -559,8 +559,20 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
         "RECAPITO_HTTPS_PORT": str(sandbox.https_port),
     }
     assert {k: env.get(k) for k in expected} == expected
-    # the DANE resolver when DNSSEC tools exist; the demo sender's DKIM keys
-    assert set(env) - set(expected) <= {"RECAPITO_DANE_RESOLVER", "RECAPITO_DKIM_KEYS"}
+    # the DANE resolver when DNSSEC tools exist; the demo sender's DKIM keys; the bounce
+    # mailbox when Dovecot exists
+    bounce_imap = {
+        f"RECAPITO_BOUNCE_IMAP_{k}"
+        for k in ("HOST", "PORT", "SECURITY", "USER", "PASSWORD", "CA_FILE")
+    }
+    assert set(env) - set(expected) <= {
+        "RECAPITO_DANE_RESOLVER",
+        "RECAPITO_DKIM_KEYS",
+        *bounce_imap,
+    }
+    if sandbox.imap_ports is not None:
+        assert bounce_imap <= set(env)
+        assert sandbox.settings_path.stat().st_mode & 0o077 == 0  # it holds a password
     assert json.loads(sandbox.settings_path.read_text()) == env
     settings = Settings.load(env={"RECAPITO_HOME": str(sandbox.home)})
     assert settings.dns == sandbox.dns_address
@@ -570,7 +582,7 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
     state = read_state(sandbox.home)
     assert state is not None and state.owner_pid == os.getpid()
     assert {s.host: s.pid for s in state.servers} == {
-        h: p for h, p in sandbox.pids.items() if h not in ("dns", "https", "dnssec")
+        h: p for h, p in sandbox.pids.items() if h not in ("dns", "https", "dnssec", "imap")
     }
     assert (state.https_port, state.https_pid) == (sandbox.https_port, sandbox.pids["https"])
     assert all(pid_alive(p) for p in state.child_pids)
