@@ -28,7 +28,9 @@ from recapito.tracking.tokens import MAX_TARGET_LENGTH, TokenSigner
 _TAG = re.compile(r"<(?:a|area)\b[^>]*>", re.IGNORECASE)
 _HREF = re.compile(r"""(\shref\s*=\s*)(?:"([^"]*)"|'([^']*)'|([^\s>"']+))""", re.IGNORECASE)
 _NOTRACK = re.compile(r"\sdata-notrack\b", re.IGNORECASE)
-_TEXT_URL = re.compile(r"""https?://[^\s<>"'()\[\]{}]+""", re.IGNORECASE)
+# case-sensitive: a literal prefix lets the regex engine skip ahead (an IGNORECASE scan is
+# 5-10 times slower on a text part); upper-case URLs in a text part stay untracked
+_TEXT_URL = re.compile(r"""https?://[^\s<>"'()\[\]{}]+""")
 _TRAILING = ".,;:!?"
 _SPACE = re.compile(r"\s")  # one C scan, not a generator over every character
 _BODY_END = "</body>"

@@ -97,6 +97,8 @@ class TokenSigner:
             kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in keyring.keys
         }
         self.signing_key_id = keyring.signing_key_id
+        self._targets: dict[str, str] = {}  # link target -> its base64url form (per campaign)
+        self._unsub: tuple[int, str] = (-1, "")  # the last unsubscribe token made
 
     def __repr__(self) -> str:
         return f"TokenSigner(key_ids={list(self.keyring.key_ids)!r})"
@@ -137,7 +139,12 @@ class TokenSigner:
         did, idx, target = str(delivery_id), str(index), url.encode("utf-8")
         kid = self.signing_key_id
         mac = self._sign(_CTX_CLICK, kid.encode(), did.encode(), idx.encode(), target)
-        return f"{kid}.{did}.{idx}.{_b64(target)}.{_b64(mac)}"
+        encoded = self._targets.get(url)
+        if encoded is None:
+            encoded = _b64(target)
+            if len(self._targets) < 10_000:  # a campaign's links repeat in every message
+                self._targets[url] = encoded
+        return f"{kid}.{did}.{idx}.{encoded}.{_b64(mac)}"
 
     def verify_click(self, token: str) -> ClickTarget:
         match = _CLICK.match(token)
@@ -159,9 +166,14 @@ class TokenSigner:
     # ---- unsubscribe ------------------------------------------------------------------
 
     def unsubscribe_token(self, delivery_id: int) -> str:
+        last_id, last = self._unsub  # headers and body link of one message ask in a row
+        if last_id == delivery_id:
+            return last
         did, kid = str(delivery_id), self.signing_key_id
         mac = self._sign(_CTX_UNSUB, kid.encode(), did.encode())
-        return f"{did}-{kid}-{base64.b32encode(mac).decode('ascii').lower().rstrip('=')}"
+        token = f"{did}-{kid}-{base64.b32encode(mac).decode('ascii').lower().rstrip('=')}"
+        self._unsub = (delivery_id, token)
+        return token
 
     def verify_unsubscribe(self, token: str) -> int:
         match = _UNSUB.match(token.strip().lower())
