@@ -35,7 +35,7 @@ from recapito.report import campaign_report, funnel_markdown
 from recapito.tracking import Tracker, tracker_for
 from recapito.tracking.classify import classify_click, classify_open, ip_prefix
 from recapito.tracking.service import TrackingApp, running
-from recapito.tracking.store import TrackingStore
+from recapito.tracking.store import TrackingStore, unsubscribe_by_mail
 from recapito.tracking.tokens import (
     TokenError,
     TokenSigner,
@@ -436,6 +436,18 @@ def test_unsubscribe_get_shows_page_post_suppresses(world: World) -> None:
     events = world.ledger.events_of(world.campaign_id, "unsubscribe")
     assert [e["delivery_id"] for e in events] == [d3]  # one event, not one per POST
     assert campaign_report(world.ledger, "trk")["engagement"]["unsubscribed"] == 1
+
+
+def test_unsubscribe_by_mail(world: World) -> None:
+    store = TrackingStore(world.ledger)
+    d1 = world.deliveries["c1"]
+    token = SIGNER.unsubscribe_token(d1)
+    assert unsubscribe_by_mail(store, SIGNER, "unsubscribe+zz-k1-abc@bank.test") is None
+    assert unsubscribe_by_mail(store, SIGNER, f"bounces+{token}@bank.test") is None
+    # an MTA may have upper-cased the local part
+    assert unsubscribe_by_mail(store, SIGNER, f"<UNSUBSCRIBE+{token.upper()}@bank.test>") is True
+    assert unsubscribe_by_mail(store, SIGNER, f"unsubscribe+{token}@bank.test") is False
+    assert world.ledger.suppressed_among(["user1@example.test"]) == {"user1@example.test"}
 
 
 def _chromium_reason() -> str | None:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from recapito.ledger import Ledger
 from recapito.ledger.schema import deliveries, events, tracking_hits
 from recapito.ledger.store import as_utc, utcnow
+from recapito.tracking.tokens import TokenError, TokenSigner, unsubscribe_token_from_address
 
 UNSUBSCRIBE_REASON = "unsubscribed"
 UNSUBSCRIBE_SOURCE = "list-unsubscribe"
@@ -169,3 +170,22 @@ def engagement(ledger: Ledger, campaign_id: int) -> dict[str, Any]:
         "machine_reasons": machine_reasons,
         "unsubscribed": int(unsubscribed or 0),
     }
+
+
+def unsubscribe_by_mail(
+    store: TrackingStore, signer: TokenSigner, to_address: str, data: dict[str, Any] | None = None
+) -> bool | None:
+    """The mailto: form of List-Unsubscribe: a message to ``unsubscribe+TOKEN@domain``
+    (for the collector of that mailbox). None when the address carries no valid token or
+    names no delivery; otherwise whether the address was newly suppressed."""
+    token = unsubscribe_token_from_address(to_address)
+    if token is None:
+        return None
+    try:
+        delivery_id = signer.verify_unsubscribe(token)
+    except TokenError:
+        return None
+    facts = store.delivery(delivery_id)
+    if facts is None:
+        return None
+    return store.unsubscribe(facts, {"method": "mailto", **(data or {})})
