@@ -302,6 +302,7 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "user_unknown",
         _rx(
             r"user ?unknown",
+            r"recipient address rejected(\.|: access denied|: invalid user| \(in reply)",
             r"unknown (user|recipient|local[- ]part|mailbox|address|account)",
             r"no such (user|mail ?box|recipient|address|account|person|local user)",
             r"(user|recipient|address|mail ?box|account|addressee) (does not|doesn't|doesnt"
@@ -344,8 +345,10 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"spamhaus|spamcop|barracudacentral|sorbs|uceprotect|mailspike|senderscore",
             r"(listed|blocked) (on|in|at|by) ",
             r"\breputation\b",
-            r"(client|your|sending|connecting|remote)? ?(ip|host|server|address|network)"
+            r"(client|your|sending|connecting|remote) (ip|host|server|address|network)"
             r"( address)? (has been |is |was )?(blocked|banned|black|rejected|not allowed)",
+            r"\b(ip|host|server|network)( address)? (has been |is |was )?"
+            r"(blocked|banned|black|rejected|not allowed)",
             r"client host rejected",
             r"(reverse|rdns|ptr|reverse dns|reverse lookup)( record)? "
             r"(lookup )?(fail|missing|not|mismatch|required|does)",

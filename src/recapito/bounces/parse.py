@@ -33,7 +33,7 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import compat32
 
-from recapito.bounces.classify import classify, find_status
+from recapito.bounces.classify import CONF_PROVIDER, classify, find_status
 from recapito.errors import InputError
 
 MAX_BYTES = 1_000_000  # a bounce bigger than this is read up to here
@@ -726,6 +726,14 @@ def _parse(raw: bytes) -> BounceReport:
     return BounceReport(kind, failed, records, family, message_id, verp, delivery, envid)
 
 
+# wordings of an MTA that stopped retrying a temporary condition
+_GAVE_UP = re.compile(
+    r"connection timed out|timed out while|(?:was|is) not reachable|host not reachable"
+    r"|could not find a gateway"
+    r"|unable to connect|couldn't connect|could not connect|cannot connect"
+    r"|did not accept our requests to connect|server did not respond|no route to host"
+    r"|queue (?:lifetime|period)"
+)
 _FILLER_STATUS = re.compile(r"^[245]\.0\.0$")
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
@@ -735,7 +743,14 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
     ("mail", re.compile(r"(in reply to|after) mail from|smtp command:? mail\b", re.I)),
-    ("rcpt", re.compile(r"(in reply to|after) rcpt to|did not like our rcpt|>>> rcpt to", re.I)),
+    (
+        "rcpt",
+        re.compile(
+            r"(in reply to|after) rcpt( to| command)?\b|did not like our rcpt|>>> rcpt to"
+            r"|most progress was rcpt|does not like recipient|\[rcpt_to\]|smtp:rcpt\b",
+            re.I,
+        ),
+    ),
     (
         "connect",
         re.compile(
@@ -761,20 +776,42 @@ def _phase(text: str) -> str | None:
     return None
 
 
+# Wordings that can only come from a directory lookup of the address (Exchange, Domino,
+# IMail, Google's and Yahoo's own notices): an unknown user whatever the SMTP phase.
+_DIRECTORY_WORDING = re.compile(
+    r"not listed in|recipient name is not recognized|invalid final delivery userid"
+    r"|unknown user:|address couldn't be found|delivery error: dd |>: user unknown"
+    r"|no such user here|couldn't find any host|unknown local.?part|adresse destinataire invalide"
+)
+# au / KDDI (ezweb) answer "550 : User unknown", with the address left blank, when the
+# recipient's own reception settings refuse the sender: a filter, not a dead address.
+_BLANK_ADDRESS_UNKNOWN = re.compile(r"\b550:? : user unknown")
+
+
 def _phase_adjusted(
-    reason: str, scope: str | None, text: str, address_level: bool = True
+    reason: str,
+    scope: str | None,
+    text: str,
+    address_level: bool = True,
+    status: str | None = None,
 ) -> tuple[str, str | None]:
     """The SMTP phase changes what a vague or address-level reply means: refused before
-    MAIL FROM it is about the sending host; at MAIL FROM, about the sender; an "unknown
-    user" after DATA (the RCPT was accepted) is the recipient's filter."""
+    MAIL FROM it is about the sending host; at MAIL FROM, about the sender. An "unknown
+    user" that was not the answer to RCPT TO and whose status is not about the address
+    (X.1.X) is a filter's answer (RCPT TO was accepted, or a mailbox-status code such as
+    X.2.0 / X.7.1 says the mailbox exists), unless its wording can only come from a
+    directory lookup."""
     phase = _phase(text)
     if phase == "connect" and reason in ("unknown", "recipient_policy", "remote_temporary"):
         return "reputation_block", "sender"
     if phase == "mail" and reason in _SENDER_PHASE:
         return "sender_rejected", "sender"
-    if reason == "user_unknown" and phase != "rcpt" and not address_level:
-        # "unknown user" not at RCPT TO and without an X.1.X status: a filter's answer
-        return "recipient_policy", "recipient"
+    if reason == "user_unknown":
+        low = text.lower()
+        if _BLANK_ADDRESS_UNKNOWN.search(low):
+            return "recipient_policy", "recipient"
+        if phase != "rcpt" and not address_level and not _DIRECTORY_WORDING.search(low):
+            return "recipient_policy", "recipient"
     return reason, scope
 
 
@@ -802,10 +839,15 @@ def _record(draft: _Draft, family: str | None) -> BounceRecipient:
             reason, permanence, scope, confidence = classify(
                 code or _reply_code(whole), status or find_status(whole), whole, provider
             )
-        address_level = bool(status and status[2:4] == "1.") or code is None
-        reason, scope = _phase_adjusted(reason, scope, text or context, address_level)
-        if reason == "unknown" and (status or "")[:1] == "4":
-            # a temporary failure the MTA gave up on: the message expired in its queue
+        address_level = bool(status and status[2:4] == "1.")
+        phase_text = f"{diagnostic} {context}" if diagnostic else context
+        if confidence < CONF_PROVIDER:  # a provider's own wording is not second-guessed
+            reason, scope = _phase_adjusted(reason, scope, phase_text, address_level, status)
+        if (reason == "unknown" and (status or "")[:1] == "4") or (
+            reason == "remote_temporary" and _GAVE_UP.search(f"{diagnostic} {context}".lower())
+        ):
+            # a failure report for a temporary condition (a connection that never worked,
+            # a queue lifetime reached): the MTA gave up retrying, the message expired
             reason, permanence, scope = "expired", "temporary", "domain"
     return BounceRecipient(
         recipient=draft.recipient,
