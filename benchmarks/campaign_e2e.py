@@ -67,11 +67,14 @@ def free_port() -> int:
 class TreeRSS:
     """Samples the RSS of this process and all its descendants; keeps the peaks."""
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 0.5) -> None:
         self.interval = interval
         self.peak_total = 0
         self.peak_self = 0
         self.peak_by_name: dict[str, int] = {}
+        self.cpu_by_pid: dict[int, tuple[str, float]] = {}  # latest user+system seconds
+        self._procs: list[tuple[str, psutil.Process]] = []
+        self._next_scan = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -87,18 +90,36 @@ class TreeRSS:
         me = psutil.Process()
         total = me.memory_info().rss
         self.peak_self = max(self.peak_self, total)
+        now = time.monotonic()
+        if now >= self._next_scan:
+            # listing the process tree reads every /proc entry: do it now and then only
+            self._next_scan = now + 5 * self.interval
+            self._procs = []
+            for child in me.children():
+                kind = _kind(child)  # a direct child and its whole subtree
+                with contextlib.suppress(psutil.Error):
+                    for proc in (child, *child.children(recursive=True)):
+                        self._procs.append((kind, proc))
         by_name: Counter[str] = Counter()
-        for child in me.children():
-            kind = _kind(child)  # a direct child and its whole subtree
+        for kind, proc in self._procs:
             with contextlib.suppress(psutil.Error):
-                for proc in (child, *child.children(recursive=True)):
-                    with contextlib.suppress(psutil.Error):
-                        rss = proc.memory_info().rss
-                        total += rss
-                        by_name[kind] += rss
+                rss = proc.memory_info().rss
+                total += rss
+                by_name[kind] += rss
+                cpu = proc.cpu_times()
+                self.cpu_by_pid[proc.pid] = (kind, cpu.user + cpu.system)
         self.peak_total = max(self.peak_total, total)
         for name, rss in by_name.items():
             self.peak_by_name[name] = max(self.peak_by_name.get(name, 0), rss)
+
+    def cpu_by_name(self) -> dict[str, float]:
+        """CPU seconds per kind of child process (as last sampled), and this process."""
+        out: Counter[str] = Counter()
+        for kind, seconds in self.cpu_by_pid.values():
+            out[kind] += seconds
+        mine = psutil.Process().cpu_times()
+        out["campaign (this process)"] = mine.user + mine.system
+        return {k: round(v, 1) for k, v in sorted(out.items())}
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -213,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server.stop()
             figures["peak_rss_mb"] = round(rss.peak_total / 2**20, 1)
             figures["peak_rss_self_mb"] = round(rss.peak_self / 2**20, 1)
+            figures["cpu_s_by_process"] = rss.cpu_by_name()
             figures["peak_rss_by_process_mb"] = {
                 k: round(v / 2**20, 1) for k, v in sorted(rss.peak_by_name.items())
             }
@@ -325,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{figures['stored']:,} stored, {figures['duplicates']:,} duplicates"
         )
         print(f"task time: {json.dumps(figures['task_time_s'])}")
+        print(f"CPU seconds by process: {json.dumps(figures['cpu_s_by_process'])}")
         print(ratio)
     return 0 if figures["duplicates"] == 0 else 1
 
