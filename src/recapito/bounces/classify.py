@@ -129,6 +129,44 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
 # broad ones ("spam" in a sentence about a blocklist is a reputation block, not content).
 TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
+        # a message that breaks RFC 5322 (several From addresses, repeated headers): the
+        # message is refused, whatever the remote adds about spam
+        "content_rejected",
+        _rx(
+            r"not rfc ?5322 compliant",
+            r"multiple addresses in from",
+            r"duplicate header",
+            r"there are multiple (subject|from|to|date|message-id)",
+        ),
+    ),
+    (
+        "spam_rejected",
+        _rx(
+            r"(rejected|blocked|refused) (due to|because of|as) (spam|junk)",
+            r"spam classification",
+            r"message content rejected",
+            r"\bube\b",
+        ),
+    ),
+    (
+        # the sending host has no (or a mismatching) reverse DNS name, or is refused as a
+        # host: about us as a sender, whatever SMTP command it came after
+        "reputation_block",
+        _rx(
+            r"reverse dns",
+            r"(reverse|rdns|ptr)( record)?( lookup)?( for [^ ]+ [^ ]+)? (fail|missing|not|mismatch"
+            r"|required|does)",
+            r"(no|missing|without|valid|bad|invalid) (ptr|rdns|reverse)",
+            r"dns ptr",
+            r"mismatches client ip",
+            r"invalid ip for sending",
+            r"use the smtp server of your isp",
+            r"banned sending ip",
+            r"blocked using",
+            r"not accepting connections",
+        ),
+    ),
+    (
         "insecure_channel",
         _rx(
             r"must issue a starttls",
@@ -136,6 +174,7 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"requires? (a )?(secure|encrypted|tls) (connection|transport|channel)",
             r"(tls|encryption) (is )?(required|needed|mandatory)",
             r"tls (negotiation|handshake) failed",
+            r"(does not|doesn't) support (tls|starttls)",
             r"\bmta-sts\b",
             r"connessione (sicura|cifrata) (richiesta|obbligatoria)",
         ),
@@ -189,6 +228,7 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(ha )?superato (la|il) (quota|limite)",
             r"spazio (su disco )?(esaurito|insufficiente)",
             r"mailbox voll",
+            r"mail ?folder is full",
         ),
     ),
     (
@@ -220,6 +260,7 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|not active|unavailable due to inactivity)",
             r"(disabled|suspended|inactive|deactivated|closed|expired) (account|mail ?box|user)",
             r"(account|mailbox) (is )?(currently )?not (active|enabled|in service)",
+            r"temporar(il)?y locked",
             r"(casella|utenza|account|utente)( di posta)? (disattivat|sospes|disabilitat|bloccat|"
             r"chius|scadut)[ao]",
         ),
@@ -227,7 +268,11 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "domain_invalid",
         _rx(
-            r"host (or domain name )?not found",
+            r"host (or domain name )?not found(?!, try again)",
+            r"unrout(e)?able address",
+            r"couldn't find any host named",
+            r"indicated no smtp service",
+            r"domain is not reachable",
             r"(unknown|unresolvable|unroutable|unrouteable|invalid) (host|domain|mail domain)",
             r"host ?unknown",
             r"domain (name )?(does not|doesn't|doesnt) exist",
@@ -275,6 +320,8 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"throttl",
             r"slow down",
             r"too (fast|frequent)",
+            r"frequency limited",
+            r"receiving mail at a rate",
             r"(unusual|unexpected) (rate|volume)",
             r"temporarily deferred due to (unexpected )?volume",
             r"troppi (messaggi|invii|collegamenti|destinatari)",
@@ -315,7 +362,6 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(user|recipient) (does not|doesn't) have an? [\w.-]+ account",
             r"(invalid|bad|unknown|non-?existent|nonexistent) (recipient|mail ?box|address|user)",
             r"recipient name is not recognized",
-            r"unrouteable address",
             r"not a (valid|known) (user|recipient|mail ?box|address)",
             r"no mail ?box here by that name",
             r"(address|mailbox|user|recipient) (lookup|verification) failed",
@@ -323,10 +369,8 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"undeliverable address",
             r"no such address",
             r"is not a registered",
-            r"couldn't find any host named",
             r"unknown or illegal alias",
             r"(user|recipient|address) (is )?(not|no longer) (found|known|valid)",
-            r"not (our|a local) (customer|user)",
             r"the email account that you tried to reach does not exist",
             r"utente (sconosciuto|inesistente|non (esiste|trovato|valido))",
             r"indirizzo (inesistente|sconosciuto|non (valido|esistente|esiste|trovato))",
@@ -519,7 +563,7 @@ STATUS_RULES: dict[str, str] = {
     "7.6": "auth_failure",
     "7.7": "content_rejected",
     "7.8": "auth_failure",
-    "7.9": "recipient_policy",
+    "7.9": "auth_failure",  # RFC 3463: authentication mechanism too weak
     "7.10": "insecure_channel",
     "7.11": "insecure_channel",
     "7.12": "auth_failure",
