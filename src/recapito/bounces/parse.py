@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -282,7 +283,7 @@ _COPY_MARKER = re.compile(
     r"|------ this is a copy of the message"
     r"|-+ ?(?:original|returned|unsent|undelivered) (?:message|mail)"
     r"|(?:original|returned|unsent|undelivered) message (?:follows|below|header|headers|text)"
-    r"|the (?:original|returned|first \S+ lines of the) message"
+    r"|the (?:original|returned|first \S+ lines of the) message(?! was (?:received|sent))"
     r"|(?:content|header|headers) of (?:the )?(?:original|returned) (?:message|mail)"
     r"|messaggio originale|copia del messaggio|intestazioni del messaggio originale"
     r"|bounced e-?mail:"
@@ -403,6 +404,15 @@ _FAILED_WORDS = re.compile(
     r"unable to deliver|wasn't able to deliver|delivery failure|returned|non (?:è stato|e' stato) "
     r"recapitato|impossibile (?:recapitare|consegnare)|mancato recapito|respinto|gave up|giving up",
     re.I,
+)
+
+
+# bodies that are delivery-failure notices whatever their headers say: a gateway's "Error
+# message below" form (Apache James, Verizon), a mailing-list server refusing a post
+_NOTICE_BODY = re.compile(
+    r"(?im)^\s*error message below:|^\s*error: invalid user address"
+    r"|you are not a member of this mailing list|^duplicated message-id in "
+    r"|^message could not be delivered to mobile"
 )
 
 
@@ -624,6 +634,12 @@ def _parse(raw: bytes) -> BounceReport:
             _typed_value(fields.get("original-envelope-id", "")) or None,
         )
 
+    # ---- Amazon SES notifications forwarded as mail (a JSON document in the body)
+    if "notificationType" in body:
+        ses = _ses_report(body, family, message_id, verp, delivery)
+        if ses is not None:
+            return ses
+
     # ---- DSN fields
     groups: list[dict[str, str]] = []
     for text in status_texts:
@@ -650,6 +666,7 @@ def _parse(raw: bytes) -> BounceReport:
             or _DAEMON_FROM.search(top_from)
             or (_NDR_SUBJECT.search(subject) and not _AUTO_SUBJECT.search(subject))
             or report_type == "delivery-status"
+            or _NOTICE_BODY.search(notice[:4000])
             or (
                 (returned or copy_text.strip())
                 and _FAILED_WORDS.search(notice)
@@ -734,6 +751,104 @@ _GAVE_UP = re.compile(
     r"|did not accept our requests to connect|server did not respond|no route to host"
     r"|queue (?:lifetime|period)"
 )
+
+
+def _ses_report(
+    body: str, family: str | None, message_id: str | None, verp: str | None, delivery: str | None
+) -> BounceReport | None:
+    """An Amazon SES notification (SNS JSON): Bounce, Complaint or Delivery."""
+    start = body.find("{")
+    if start < 0:
+        return None
+    try:
+        doc, _end = json.JSONDecoder(strict=False).raw_decode(body.replace("\n", ""), start)
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
+        # the SNS envelope: the notification is a JSON string inside it
+        try:
+            doc = json.loads(doc["Message"], strict=False)
+        except ValueError:
+            return None
+    if not isinstance(doc, dict):
+        return None
+    kind = str(doc.get("notificationType", "")).lower()
+    section = doc.get(kind) if isinstance(doc.get(kind), dict) else {}
+    assert isinstance(section, dict)
+    records: list[BounceRecipient] = []
+    if kind == "complaint":
+        for item in section.get("complainedRecipients") or []:
+            address = (
+                _address_of(str(item.get("emailAddress", ""))) if isinstance(item, dict) else None
+            )
+            feedback = str(section.get("complaintFeedbackType") or "abuse")
+            records.append(
+                BounceRecipient(
+                    address,
+                    None,
+                    None,
+                    None,
+                    f"feedback-type: {feedback}",
+                    "complaint",
+                    None,
+                    "recipient",
+                    0.95,
+                    None,
+                )
+            )
+        return BounceReport(
+            "arf", False, tuple(records), "amazonses", message_id, verp, delivery, None
+        )
+    if kind == "delivery":
+        for item in section.get("recipients") or []:
+            address = _address_of(str(item))
+            records.append(
+                BounceRecipient(
+                    address,
+                    "delivered",
+                    None,
+                    None,
+                    _clean(str(section.get("smtpResponse", ""))),
+                    "unknown",
+                    None,
+                    None,
+                    0.9,
+                    _typed_value(str(section.get("reportingMTA", ""))) or None,
+                )
+            )
+        return BounceReport(
+            "not_bounce", False, tuple(records), "amazonses", message_id, verp, delivery, None
+        )
+    if kind == "bounce":
+        drafts = []
+        for item in section.get("bouncedRecipients") or []:
+            if not isinstance(item, dict):
+                continue
+            drafts.append(
+                _Draft(
+                    recipient=_address_of(str(item.get("emailAddress", ""))),
+                    action=_normal_action(str(item.get("action") or "failed")),
+                    status=find_status(str(item.get("status") or "")),
+                    diagnostic=_clean(str(item.get("diagnosticCode") or "")),
+                )
+            )
+        if not drafts:
+            return None
+        recs = tuple(_record(d, "amazonses") for d in drafts)
+        failed = any(r.action == "failed" for r in recs)
+        return BounceReport(
+            "dsn" if failed else "delayed_warning",
+            failed,
+            recs,
+            "amazonses",
+            message_id,
+            verp,
+            delivery,
+            None,
+        )
+    return None
+
+
 _FILLER_STATUS = re.compile(r"^[245]\.0\.0$")
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
