@@ -59,6 +59,8 @@ class DeliveryOptions:
     connections_per_host: int = 4
     max_connections: int = 32
     messages_per_connection: int = 200
+    # a further connection to a host is opened only for at least this many messages
+    min_messages_per_connection: int = 10
     connect_timeout: float = 15.0
     command_timeout: float = 60.0
     retry_after: timedelta = timedelta(minutes=5)  # first retry of deferred mail
@@ -677,7 +679,8 @@ class DeliveryRun:
                     group.queue.put_nowait((claim, 0))
             workers = []
             for group in groups.values():
-                wanted = math.ceil(group.queue.qsize() / self.options.messages_per_connection)
+                # every allowed connection, as long as each gets a fair share of messages
+                wanted = math.ceil(group.queue.qsize() / self.options.min_messages_per_connection)
                 for _ in range(max(1, min(self.options.connections_per_host, wanted))):
                     workers.append(self._worker(group))
             renewal = asyncio.create_task(self._renew_leases({c.token for c in claims}))
