@@ -235,6 +235,7 @@ class _Draft:
     remote_mta: str | None = None
     context: str = ""  # notice text about this recipient
     notice: str = ""  # the whole notice (a last resort for the reason)
+    program: bool = False  # Diagnostic-Code of type X-Unix: a local delivery program failed
 
 
 def _normal_action(value: str | None) -> str | None:
@@ -259,7 +260,8 @@ def _dsn_drafts(groups: list[dict[str, str]]) -> list[_Draft]:
                 if address:
                     break
         status = find_status(group.get("status", ""))
-        diagnostic = _typed_value(group.get("diagnostic-code", ""))
+        raw_diagnostic = group.get("diagnostic-code", "")
+        diagnostic = _typed_value(raw_diagnostic)
         remote = group.get("remote-mta", "")
         drafts.append(
             _Draft(
@@ -268,6 +270,7 @@ def _dsn_drafts(groups: list[dict[str, str]]) -> list[_Draft]:
                 status=status,
                 diagnostic=" ".join(diagnostic.split()),
                 remote_mta=_typed_value(remote).strip(" []").lower() or None if remote else None,
+                program=raw_diagnostic[:6].lower() == "x-unix",
             )
         )
     return drafts
@@ -289,12 +292,15 @@ _COPY_MARKER = re.compile(
     r"|bounced e-?mail:"
     r")"
 )
-_HEADER_BLOCK = re.compile(
-    r"(?im)^(?:return-path|received|message-id|date|from|to|subject|mime-version|"
-    r"dkim-signature|content-type|reply-to|x-[a-z0-9-]+):[^\n]*\n"
-    r"(?:[ \t][^\n]*\n)*"
+_HEADER_NAMES = (
     r"(?:return-path|received|message-id|date|from|to|subject|mime-version|"
-    r"dkim-signature|content-type|reply-to|x-[a-z0-9-]+|[ \t])"
+    r"dkim-signature|content-type|reply-to|x-[a-z0-9-]+)"
+)
+# three header fields in a row (continuation lines allowed): the returned copy begins
+_HEADER_BLOCK = re.compile(
+    rf"(?im)^{_HEADER_NAMES}:[^\n]*\n(?:[ \t][^\n]*\n)*"
+    rf"{_HEADER_NAMES}:[^\n]*\n(?:[ \t][^\n]*\n)*"
+    rf"(?:{_HEADER_NAMES}|[ \t])"
 )
 
 
@@ -857,7 +863,12 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data", re.I
         ),
     ),
-    ("mail", re.compile(r"(in reply to|after) mail from|smtp command:? mail\b", re.I)),
+    (
+        "mail",
+        re.compile(
+            r"(in reply to|after) mail from|smtp command:? mail\b|but sender was rejected", re.I
+        ),
+    ),
     (
         "rcpt",
         re.compile(
@@ -869,12 +880,21 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "connect",
         re.compile(
-            r"after initial connection|refused to talk to me|in reply to (the )?(initial )?"
+            r"after initial connection|refused to talk to me|my name was rejected"
+            r"|in reply to (the )?(initial )?"
             r"(greeting|banner|ehlo|helo)|after (helo|ehlo)|while connecting|during connection",
             re.I,
         ),
     ),
 )
+_CONNECT_PHASE = {
+    "unknown",
+    "recipient_policy",
+    "remote_temporary",
+    "domain_invalid",
+    "user_unknown",
+    "mailbox_disabled",
+}
 _SENDER_PHASE = {
     "user_unknown",
     "domain_invalid",
@@ -917,7 +937,7 @@ def _phase_adjusted(
     X.2.0 / X.7.1 says the mailbox exists), unless its wording can only come from a
     directory lookup."""
     phase = _phase(text)
-    if phase == "connect" and reason in ("unknown", "recipient_policy", "remote_temporary"):
+    if phase == "connect" and reason in _CONNECT_PHASE:
         return "reputation_block", "sender"
     if phase == "mail" and reason in _SENDER_PHASE:
         return "sender_rejected", "sender"
@@ -930,8 +950,22 @@ def _phase_adjusted(
     return reason, scope
 
 
+_CONTINUATION = re.compile(r"(?<=\S) ([245]\d\d)[ -](?:[245]\.\d{1,3}\.\d{1,3} )?")
+_PROGRAM = re.compile(r"pipe to \||procmail:|\bmaildrop:|delivery program|mailer program|x-unix")
+
+
+def _unwrap(text: str) -> str:
+    """``550-5.7.1 a 550-5.7.1 b 550 5.7.1 c`` → ``550-5.7.1 a b c``: the code repeated on
+    each line of a multi-line reply would cut the words in two."""
+    first = _REPLY_LEADING.match(text) or re.match(r"\s*([245]\d\d)[ -]", text)
+    if first is None:
+        return text
+    code = first.group(1)
+    return _CONTINUATION.sub(lambda m: " " if m.group(1) == code else m.group(0), text)
+
+
 def _record(draft: _Draft, family: str | None) -> BounceRecipient:
-    diagnostic = draft.diagnostic
+    diagnostic = _unwrap(draft.diagnostic)
     context = _clean(draft.context) if draft.context else ""
     text = diagnostic if diagnostic else context
     status = draft.status
@@ -956,7 +990,11 @@ def _record(draft: _Draft, family: str | None) -> BounceRecipient:
             )
         address_level = bool(status and status[2:4] == "1.")
         phase_text = f"{diagnostic} {context}" if diagnostic else context
-        if confidence < CONF_PROVIDER:  # a provider's own wording is not second-guessed
+        if draft.program or _PROGRAM.search(f"{diagnostic} {context}".lower()):
+            # a local delivery program (pipe, procmail) failed at the remote: its exit code
+            # says nothing about the address
+            reason, scope = "remote_temporary", "domain"
+        elif confidence < CONF_PROVIDER:  # a provider's own wording is not second-guessed
             reason, scope = _phase_adjusted(reason, scope, phase_text, address_level, status)
         if (reason == "unknown" and (status or "")[:1] == "4") or (
             reason == "remote_temporary" and _GAVE_UP.search(f"{diagnostic} {context}".lower())
