@@ -321,32 +321,32 @@ def _split_notice(text: str) -> tuple[str, str]:
 _FAMILY_SIGNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "gmail",
-        re.compile(r"mail delivery subsystem <mailer-daemon@(?:googlemail|google)\.com", re.I),
+        re.compile(r"mail delivery subsystem <mailer-daemon@(?:googlemail|google)\.com"),
     ),
     (
         "exim",
         re.compile(
             r"^x-failed-recipients:|\bexim\b|"
             r"this message was created automatically by mail delivery software",
-            re.I | re.M,
+            re.M,
         ),
     ),
-    ("postfix", re.compile(r"this is the mail system at host|^x-postfix|\bpostfix\b", re.I | re.M)),
-    ("qmail", re.compile(r"this is the qmail-send program|\bqmail\b", re.I)),
+    ("postfix", re.compile(r"this is the mail system at host|^x-postfix|\bpostfix\b", re.M)),
+    ("qmail", re.compile(r"this is the qmail-send program|\bqmail\b")),
     (
         "exchange",
         re.compile(
             r"^x-ms-exchange|msexch|microsoft exchange|^x-mimeole: produced by microsoft exchange",
-            re.I | re.M,
+            re.M,
         ),
     ),
-    ("sendmail", re.compile(r"transcript of session follows|\bsendmail\b", re.I)),
-    ("domino", re.compile(r"lotus domino|\bdomino\b|x-notes", re.I)),
-    ("courier", re.compile(r"courier mail server|\bcourier\b", re.I)),
-    ("opensmtpd", re.compile(r"this is the mailer-daemon at|opensmtpd", re.I)),
-    ("yahoo", re.compile(r"yahoo", re.I)),
-    ("outlook", re.compile(r"outlook\.com|hotmail|live\.com|msn\.com", re.I)),
-    ("amazonses", re.compile(r"amazonses|amazon ses", re.I)),
+    ("sendmail", re.compile(r"transcript of session follows|\bsendmail\b")),
+    ("domino", re.compile(r"lotus domino|\bdomino\b|x-notes")),
+    ("courier", re.compile(r"courier mail server|\bcourier\b")),
+    ("opensmtpd", re.compile(r"this is the mailer-daemon at|opensmtpd")),
+    ("yahoo", re.compile(r"yahoo")),
+    ("outlook", re.compile(r"outlook\.com|hotmail|live\.com|msn\.com")),
+    ("amazonses", re.compile(r"amazonses|amazon ses")),
 )
 _PROVIDERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("google", re.compile(r"google|gmail|1e100\.net", re.I)),
@@ -360,7 +360,7 @@ _PROVIDERS: tuple[tuple[str, re.Pattern[str]], ...] = (
 
 
 def _family(msg: Message, sample: str) -> str | None:
-    probe = "\n".join(f"{k}: {v}" for k, v in msg.items())[:6000] + "\n" + sample[:6000]
+    probe = ("\n".join(f"{k}: {v}" for k, v in msg.items())[:6000] + "\n" + sample[:6000]).lower()
     for name, pattern in _FAMILY_SIGNS:
         if pattern.search(probe):
             return name
@@ -859,22 +859,17 @@ _FILLER_STATUS = re.compile(r"^[245]\.0\.0$")
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "data",
-        re.compile(
-            r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data", re.I
-        ),
+        re.compile(r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data"),
     ),
     (
         "mail",
-        re.compile(
-            r"(in reply to|after) mail from|smtp command:? mail\b|but sender was rejected", re.I
-        ),
+        re.compile(r"(in reply to|after) mail from|smtp command:? mail\b|but sender was rejected"),
     ),
     (
         "rcpt",
         re.compile(
             r"(in reply to|after) rcpt( to| command)?\b|did not like our rcpt|>>> rcpt to"
             r"|most progress was rcpt|does not like recipient|\[rcpt_to\]|smtp:rcpt\b",
-            re.I,
         ),
     ),
     (
@@ -883,7 +878,6 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"after initial connection|refused to talk to me|my name was rejected"
             r"|in reply to (the )?(initial )?"
             r"(greeting|banner|ehlo|helo)|after (helo|ehlo)|while connecting|during connection",
-            re.I,
         ),
     ),
 )
@@ -905,8 +899,9 @@ _SENDER_PHASE = {
 
 
 def _phase(text: str) -> str | None:
+    low = text.lower()
     for name, pattern in _PHASES:
-        if pattern.search(text):
+        if pattern.search(low):
             return name
     return None
 
