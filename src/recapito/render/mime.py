@@ -38,21 +38,23 @@ _MAX_ENCODED_CHUNK = 42
 
 def _encoded_words(text: str) -> list[str]:
     """RFC 2047 base64 encoded words, never splitting a UTF-8 sequence."""
+    data = text.encode("utf-8")
     words: list[str] = []
-    chunk = b""
-    for char in text:
-        raw = char.encode("utf-8")
-        if len(chunk) + len(raw) > _MAX_ENCODED_CHUNK:
-            words.append("=?utf-8?b?" + base64.b64encode(chunk).decode("ascii") + "?=")
-            chunk = b""
-        chunk += raw
-    if chunk or not words:
-        words.append("=?utf-8?b?" + base64.b64encode(chunk).decode("ascii") + "?=")
-    return words
+    start, end = 0, len(data)
+    while True:
+        cut = min(start + _MAX_ENCODED_CHUNK, end)
+        while cut < end and data[cut] & 0xC0 == 0x80:  # inside a character: back off
+            cut -= 1
+        words.append("=?utf-8?b?" + base64.b64encode(data[start:cut]).decode("ascii") + "?=")
+        if cut >= end:
+            return words
+        start = cut
 
 
 def _fold(name: str, words: Sequence[str]) -> str:
     """Join words into ``Name: value`` lines of at most 78 characters (CRLF + space folds)."""
+    if len(name) + 1 + sum(map(len, words)) + len(words) <= 78:  # the usual case: one line
+        return f"{name}: {' '.join(words)}"
     lines: list[str] = []
     current = f"{name}:"
     for word in words:
@@ -136,7 +138,9 @@ _HIGH_BYTES = bytes(range(128, 256))
 
 
 def _normalised(text: str) -> bytes:
-    return text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    if "\r" in text:  # rare: a search is much cheaper than two replacements
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.encode("utf-8")
 
 
 def _soft_breaks(line: bytes) -> list[bytes]:

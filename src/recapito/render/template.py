@@ -48,6 +48,7 @@ from recapito.render.layout import inline_css, mjml_to_html, wire_ready_html
 from recapito.render.mime import AddressError, alternative_message, mailbox, unstructured
 from recapito.render.text import html_template_to_text_template, html_to_text
 
+_HEADS_SEPARATOR = "\x1e"  # ASCII record separator: never in template text
 _BLANK_RUNS = re.compile(r"\n\s*\n(\s*\n)+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
 
@@ -138,6 +139,19 @@ class CompiledTemplate:
     blocks: tuple[BlockCondition, ...] = ()  # [blocks.NAME] visible_if conditions
     html_source: str = ""  # the HTML template as compiled (after MJML and inlining)
     meta: Mapping[str, Any] | None = None  # template.toml
+    # subject, preheader and From name in one template (one render instead of three)
+    heads: jinja2.Template | None = None
+
+    def _short_parts(self, values: Mapping[str, Any]) -> tuple[str, str, str]:
+        """(subject, preheader, From name), header values already made safe."""
+        if self.heads is not None:
+            parts = self.heads.render(values).split(_HEADS_SEPARATOR)
+            if len(parts) == 3:  # else a value held the separator: render them one by one
+                return header_safe(parts[0]), parts[1], header_safe(parts[2])
+        subject = header_safe(self.subject.render(values))
+        preheader = self.preheader.render(values) if self.preheader else ""
+        from_name = header_safe(self.from_name.render(values)) if self.from_name else ""
+        return subject, preheader, from_name
 
     def check_blocks(self, columns: Iterable[str]) -> None:
         """Every ``visible_if`` condition compiles against these contact columns."""
@@ -171,9 +185,7 @@ class CompiledTemplate:
         for block in self.blocks:
             values[block.flag] = block.evaluate(context, self.name)
         try:
-            subject = header_safe(self.subject.render(values))
-            from_name = header_safe(self.from_name.render(values)) if self.from_name else ""
-            preheader = self.preheader.render(values) if self.preheader else ""
+            subject, preheader, from_name = self._short_parts(values)
             html = self.html.render({**values, "preheader": preheader})
             if self.text is not None:
                 text = _BLANK_RUNS.sub("\n\n", self.text.render({**values, "preheader": preheader}))
@@ -341,6 +353,13 @@ def _compile_template(path: str | Path) -> CompiledTemplate:
     html_t = compiled["html"]
     subject_t = compiled["subject"]
     assert html_t is not None and subject_t is not None
+    heads_src = _HEADS_SEPARATOR.join(
+        str(meta.get(key) or "") for key in ("subject", "preheader", "from_name")
+    )
+    try:
+        heads: jinja2.Template | None = compile_source(plain_env, heads_src)
+    except jinja2.TemplateSyntaxError:  # a tag spanning two fields: render them apart
+        heads = None
     return CompiledTemplate(
         name=name,
         path=root,
@@ -354,6 +373,7 @@ def _compile_template(path: str | Path) -> CompiledTemplate:
         blocks=tuple(blocks.values()),
         html_source=html_src,
         meta=meta,
+        heads=heads,
     )
 
 

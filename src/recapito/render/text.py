@@ -6,6 +6,7 @@ not arbitrary web pages. What the reader gets:
 
 * links as ``text (url)``, or the bare URL when the text is the URL itself; images as
   their ``alt`` text (so a linked logo reads ``Banca Esempio (https://…)``);
+* paragraphs wrapped at 72 columns;
 * headings as ``# Title`` / ``## Title`` on their own paragraph;
 * bulleted lists as ``- item``, numbered lists as ``1. item``;
 * paragraphs, table rows and line breaks as line breaks (newlines in the source are
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import html as html_lib
 import re
+import textwrap
 
 _DROP = re.compile(r"<(style|script|head|title)\b[^>]*>.*?</\1\s*>", re.I | re.S)
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
@@ -94,8 +96,29 @@ def html_to_text(html: str) -> str:
     text = _TAG.sub("", text)
     text = html_lib.unescape(_SPACES.sub(" ", text.replace("\n", " \n ")))
     text = text.replace("\x00", "").replace("\x01", "")
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    lines = [_wrapped(_SPACES.sub(" ", line).strip()) for line in text.split("\n")]
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip() + "\n"
+
+
+_ITEM = re.compile(r"(?:-|\d+\.) ")
+WIDTH = 72
+
+
+def _wrapped(line: str) -> str:
+    """A paragraph wrapped at 72 columns at spaces (URLs and long words stay whole), list
+    items indented under their text: readable as it is, and quoted-printable then rarely
+    needs a soft line break."""
+    if len(line) <= WIDTH:
+        return line
+    item = _ITEM.match(line)
+    indent = " " * (item.end() if item else 0)
+    return textwrap.fill(
+        line,
+        width=WIDTH,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 _JINJA = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
