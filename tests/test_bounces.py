@@ -154,6 +154,104 @@ def test_auto_replies_are_never_bounces(name: str, who: str) -> None:
     assert report.recipients[0].reason == "auto_reply"
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "expected"),
+    [
+        # the SMTP phase is read from the notice when the Diagnostic-Code lacks it: an
+        # "unknown user" at RCPT TO is a dead address, after DATA a filter's answer
+        (
+            "postfix_phase_in_notice.eml",
+            "dsn",
+            [
+                ("paolo.ferri@studio.example", "user_unknown", "5.0.0"),
+                ("chiara.galli@studio.example", "recipient_policy", "5.0.0"),
+            ],
+        ),
+        # an Italian provider's own notice, two recipients with their own replies
+        (
+            "italiano_rcpt_inesistente.eml",
+            "free_text",
+            [
+                ("giorgio.marino@provider-italia.example", "user_unknown", "5.1.1"),
+                ("elena.conti@provider-italia.example", "mailbox_full", "5.2.2"),
+            ],
+        ),
+        # the MTA gave up on a connection that never worked: expired, not the address
+        ("exim_timeout_expired.eml", "free_text", [("ufficio@lontano.example", "expired", None)]),
+        # no reverse DNS for our host, refused after MAIL FROM: about us, not the sender
+        (
+            "exim_reverse_dns.eml",
+            "free_text",
+            [("acquisti@fornitore.example", "reputation_block", "5.7.1")],
+        ),
+        # a multi-line reply whose repeated "550-5.7.1" cut the sentence in two
+        (
+            "gmail_rfc5322_multiline.eml",
+            "dsn",
+            [("federica.riva@gmail.com", "content_rejected", "5.7.1")],
+        ),
+        # Amazon SES notification forwarded as JSON
+        (
+            "ses_notifications.eml",
+            "dsn",
+            [("sara.lombardi@esempio.example", "user_unknown", "5.1.1")],
+        ),
+        # an SMS/MMS gateway's "Error message below" form
+        (
+            "gateway_error_below.eml",
+            "free_text",
+            [("3331234567@sms-gateway.example", "user_unknown", None)],
+        ),
+        # a pipe to a program failed at the remote: not about the address
+        (
+            "exim_pipe_failure.eml",
+            "free_text",
+            [("ticket@cliente.example", "remote_temporary", None)],
+        ),
+    ],
+)
+def test_rule_families(name: str, kind: str, expected: list[tuple[str, str, str | None]]) -> None:
+    report = _report(name)
+    assert report.kind == kind and report.is_bounce
+    got = [(r.recipient, r.reason, r.status) for r in report.failed]
+    assert got == expected
+
+
+def test_italian_notice_is_correlated_and_classified() -> None:
+    report = _report("italiano_rcpt_inesistente.eml")
+    assert report.recapito_delivery == "33"
+    first, second = report.failed
+    assert is_hard(first.reason, first.permanence)
+    assert not is_hard(second.reason, second.permanence)
+
+
+def test_ses_complaint_is_a_complaint() -> None:
+    report = _report("ses_complaint.eml")
+    assert report.kind == "arf" and not report.is_bounce
+    (record,) = report.recipients
+    assert (record.recipient, record.reason) == ("marco.bruno@esempio.example", "complaint")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "text", "reason"),
+    [
+        (550, "5.7.1", "Messages with multiple addresses in From: header", "content_rejected"),
+        (550, "5.7.1", "Message content rejected, UBE, id=1234", "spam_rejected"),
+        (554, None, "Client host [192.0.2.1] blocked using zen.example.org", "reputation_block"),
+        (550, "5.7.1", "Fix reverse DNS for 192.0.2.1", "reputation_block"),
+        (550, None, "Ip frequency limited", "rate_limited"),
+        (550, "5.1.1", "Unrouteable address", "domain_invalid"),
+        (554, None, "Remote server does not support TLS", "insecure_channel"),
+        (550, "5.7.9", "Rejected", "auth_failure"),
+        (550, "5.1.6", "551 not our customer", "mailbox_moved"),
+        (550, None, "casella temporaneamente bloccata", "mailbox_disabled"),
+        (550, None, "You are not a member of this mailing list", "sender_rejected"),
+    ],
+)
+def test_text_rule_families(code: int, status: str | None, text: str, reason: str) -> None:
+    assert classify(code, status, text)[0] == reason
+
+
 def test_mime_bomb_and_junk_do_not_raise() -> None:
     start = time.perf_counter()
     report = _report("mime_bomb.eml")

@@ -261,8 +261,8 @@ TEXT_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(disabled|suspended|inactive|deactivated|closed|expired) (account|mail ?box|user)",
             r"(account|mailbox) (is )?(currently )?not (active|enabled|in service)",
             r"temporar(il)?y locked",
-            r"(casella|utenza|account|utente)( di posta)? (disattivat|sospes|disabilitat|bloccat|"
-            r"chius|scadut)[ao]",
+            r"(casella|utenza|account|utente)( di posta)? (temporaneamente )?"
+            r"(disattivat|sospes|disabilitat|bloccat|chius|scadut)[ao]",
         ),
     ),
     (

@@ -724,11 +724,18 @@ def _parse(raw: bytes) -> BounceReport:
             drafts.append(_Draft(recipient=None, action=action, context=notice))
     else:
         # add the notice's words about each recipient (an MTA often says more there)
+        low_notice = notice.lower()
+        mentions = sorted({low_notice.find(d.recipient) for d in drafts if d.recipient} - {-1})
         for draft in drafts:
-            if draft.recipient and draft.recipient in notice:
-                position = notice.find(draft.recipient)
+            if draft.recipient and draft.recipient in low_notice:
+                position = low_notice.find(draft.recipient)
                 start = notice.rfind("\n", 0, position) + 1
-                draft.context = notice[start : start + 1500]
+                # up to the paragraph of the next recipient the notice names
+                later = [m for m in mentions if m > position]
+                end = notice.rfind("\n", 0, later[0]) + 1 if later else len(notice)
+                draft.context = notice[
+                    start : min(end if end > start else len(notice), start + 1500)
+                ]
             else:
                 draft.context = notice[:3000]
             if draft.action is None:
@@ -859,7 +866,10 @@ _FILLER_STATUS = re.compile(r"^[245]\.0\.0$")
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "data",
-        re.compile(r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data"),
+        re.compile(
+            r"(in reply to|after|command) (end of )?data\b|>>> data\b|after end of data"
+            r"|in risposta al comando data|dopo (la fine dei )?data\b"
+        ),
     ),
     (
         "mail",
@@ -869,7 +879,8 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "rcpt",
         re.compile(
             r"(in reply to|after) rcpt( to| command)?\b|did not like our rcpt|>>> rcpt to"
-            r"|most progress was rcpt|does not like recipient|\[rcpt_to\]|smtp:rcpt\b",
+            r"|most progress was rcpt|does not like recipient|\[rcpt_to\]|smtp:rcpt\b"
+            r"|in risposta al comando rcpt",
         ),
     ),
     (
@@ -910,11 +921,14 @@ def _phase(text: str) -> str | None:
 # IMail, Google's and Yahoo's own notices): an unknown user whatever the SMTP phase.
 _DIRECTORY_WORDING = re.compile(
     r"not listed in|recipient name is not recognized|invalid final delivery userid"
-    r"|unknown user:|address couldn't be found|delivery error: dd |>: user unknown"
+    r"|unknown user:|address couldn't be found|delivery error: dd "
     r"|no such user here|couldn't find any host|unknown local.?part|adresse destinataire invalide"
 )
 # au / KDDI (ezweb) answer "550 : User unknown", with the address left blank, when the
 # recipient's own reception settings refuse the sender: a filter, not a dead address.
+# "<address>: User unknown" names the very address refused: a directory answer when nothing
+# says it came after DATA
+_NAMED_ADDRESS_UNKNOWN = re.compile(r">: user unknown")
 _BLANK_ADDRESS_UNKNOWN = re.compile(r"\b550:? : user unknown")
 
 
@@ -923,7 +937,7 @@ def _phase_adjusted(
     scope: str | None,
     text: str,
     address_level: bool = True,
-    status: str | None = None,
+    words: str = "",
 ) -> tuple[str, str | None]:
     """The SMTP phase changes what a vague or address-level reply means: refused before
     MAIL FROM it is about the sending host; at MAIL FROM, about the sender. An "unknown
@@ -936,11 +950,13 @@ def _phase_adjusted(
         return "reputation_block", "sender"
     if phase == "mail" and reason in _SENDER_PHASE:
         return "sender_rejected", "sender"
-    if reason == "user_unknown":
-        low = text.lower()
+    if reason == "user_unknown" and phase != "rcpt" and not address_level:
+        low = f"{text} {words}".lower()
         if _BLANK_ADDRESS_UNKNOWN.search(low):
             return "recipient_policy", "recipient"
-        if phase != "rcpt" and not address_level and not _DIRECTORY_WORDING.search(low):
+        if _DIRECTORY_WORDING.search(low):
+            return reason, scope
+        if phase == "data" or not _NAMED_ADDRESS_UNKNOWN.search(low):
             return "recipient_policy", "recipient"
     return reason, scope
 
@@ -976,13 +992,16 @@ def _record(draft: _Draft, family: str | None) -> BounceRecipient:
         reason, permanence, scope, confidence = "unknown", None, None, 0.9
     else:
         reason, permanence, scope, confidence = classify(code, status, text, provider)
+        words = text
         if reason == "unknown" and diagnostic and context:
             reason, permanence, scope, confidence = classify(code, status, context, provider)
+            words = context
         if reason == "unknown" and draft.notice and draft.notice != draft.context:
             whole = _clean(draft.notice)
             reason, permanence, scope, confidence = classify(
                 code or _reply_code(whole), status or find_status(whole), whole, provider
             )
+            words = whole
         address_level = bool(status and status[2:4] == "1.")
         phase_text = f"{diagnostic} {context}" if diagnostic else context
         if draft.program or _PROGRAM.search(f"{diagnostic} {context}".lower()):
@@ -990,7 +1009,7 @@ def _record(draft: _Draft, family: str | None) -> BounceRecipient:
             # says nothing about the address
             reason, scope = "remote_temporary", "domain"
         elif confidence < CONF_PROVIDER:  # a provider's own wording is not second-guessed
-            reason, scope = _phase_adjusted(reason, scope, phase_text, address_level, status)
+            reason, scope = _phase_adjusted(reason, scope, phase_text, address_level, words)
         if (reason == "unknown" and (status or "")[:1] == "4") or (
             reason == "remote_temporary" and _GAVE_UP.search(f"{diagnostic} {context}".lower())
         ):
