@@ -246,9 +246,13 @@ def test_ses_complaint_is_a_complaint() -> None:
         (550, "5.1.6", "551 not our customer", "mailbox_moved"),
         (550, None, "casella temporaneamente bloccata", "mailbox_disabled"),
         (550, None, "You are not a member of this mailing list", "sender_rejected"),
+        (None, None, "DNS lookup failure: host posta.example.it not found", "domain_invalid"),
+        (553, None, "553 posta.example.it does not exist", "domain_invalid"),
+        (550, None, "550 giulia@example.it does not exist", "user_unknown"),
+        (554, "5.3.0", "Recipient address rejected: Mailer error", "remote_temporary"),
     ],
 )
-def test_text_rule_families(code: int, status: str | None, text: str, reason: str) -> None:
+def test_text_rule_families(code: int | None, status: str | None, text: str, reason: str) -> None:
     assert classify(code, status, text)[0] == reason
 
 
