@@ -14,7 +14,13 @@ import sqlalchemy as sa
 
 from recapito.errors import LedgerError
 from recapito.ledger import Ledger, MXFacts, Outcome, PlannedDelivery, State
-from recapito.ledger.states import FINAL, TRANSITIONS, can_transition
+from recapito.ledger.states import (
+    FINAL,
+    PEC_AWAITING,
+    PEC_FROM_SUBMITTED,
+    TRANSITIONS,
+    can_transition,
+)
 from recapito.ledger.store import utcnow
 
 PG_ADMIN_URL = os.environ.get(
@@ -215,8 +221,10 @@ def test_rejections_replace(ledger: Ledger) -> None:
 
 def test_state_machine_table_is_consistent() -> None:
     assert set(TRANSITIONS) == set(State)
-    for final in FINAL - {State.ACCEPTED, State.DELIVERED, State.FAILED}:
+    for final in FINAL - {State.ACCEPTED, State.DELIVERED, State.FAILED} - PEC_AWAITING:
         assert TRANSITIONS[final] == frozenset()
+    for waiting in PEC_AWAITING:  # only receipts move these on, never back to sending
+        assert TRANSITIONS[waiting] <= PEC_FROM_SUBMITTED
     assert TRANSITIONS[State.FAILED] == {State.PLANNED}  # only by an operator's resend
     assert can_transition(State.PLANNED, State.CLAIMED)
     assert not can_transition(State.UNCERTAIN, State.CLAIMED)  # never resent blindly

@@ -180,3 +180,37 @@ inbound_messages = sa.Table(
     sa.Index("ix_inbound_messages_source_message_id", "source", "message_id"),
     sa.Index("ix_inbound_messages_delivery", "delivery_id"),
 )
+
+# PEC receipts (recapito.pec.collector), one row per receipt: keyed by the receipt's
+# Message-ID, its type and the recipient it is about (``receipt_key`` is their SHA-256), so a
+# receipt seen twice (a re-poll, a copy with other bytes) never counts twice. ``sha256`` names
+# the raw message in ``inbound_messages`` (the evidence file).
+pec_receipts = sa.Table(
+    "pec_receipts",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("receipt_key", sa.String(64), nullable=False, unique=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("mailbox", sa.String(400), nullable=False),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id")),
+    sa.Column("delivery_id", BigId, sa.ForeignKey("deliveries.id")),
+    sa.Column("type", sa.String(32), nullable=False),  # X-Ricevuta / X-Trasporto value
+    sa.Column("kind", sa.String(32), nullable=False),  # recapito.pec.receipts kinds
+    sa.Column("receipt_kind", sa.String(16)),  # completa | breve | sintetica
+    sa.Column("errore", sa.String(32)),
+    sa.Column("errore_esteso", sa.Text),
+    sa.Column("recipient", sa.String(320)),  # daticert consegna
+    sa.Column("recipient_tipo", sa.String(16)),  # certificato | esterno
+    sa.Column("identificativo", sa.String(400)),
+    sa.Column("msgid", sa.String(400)),
+    sa.Column("provider", sa.String(200)),  # gestore-emittente
+    sa.Column("signature", sa.String(16), nullable=False),  # valid | invalid | unchecked
+    sa.Column("signature_reason", sa.String(64)),
+    sa.Column("issued_at", TS),  # daticert date (the provider's clock, with its zone)
+    sa.Column("received_at", TS, nullable=False),
+    sa.Column("delay_s", sa.Float),  # issued_at - submission (the "sent" event)
+    sa.Column("new_state", sa.String(32)),  # the state it moved the delivery to, if any
+    sa.Index("ix_pec_receipts_identificativo", "identificativo"),
+    sa.Index("ix_pec_receipts_delivery", "delivery_id"),
+    sa.Index("ix_pec_receipts_campaign_kind", "campaign_id", "kind"),
+)

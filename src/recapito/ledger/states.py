@@ -27,6 +27,13 @@ class State(StrEnum):
     EXPIRED = "expired"
     BOUNCED = "bounced"
     DELIVERED = "delivered"
+    # PEC receipts (recapito.pec.collector); ``accepted`` is the provider's SMTP reply
+    PEC_ACCEPTED = "pec_accepted"  # acceptance receipt (accettazione)
+    PEC_REJECTED = "pec_rejected"  # non-accettazione: the provider refused the message
+    NOT_PEC = "not_pec"  # the recipient is not a PEC mailbox (``esterno``): no legal value
+    DELIVERY_WARNING = "delivery_warning"  # 12 h preavviso-errore-consegna
+    DELIVERY_TIMEOUT = "delivery_timeout"  # no delivery receipt within 24 h
+    DELIVERY_ERROR = "delivery_error"  # errore-consegna (or virus at the recipient's provider)
 
 
 # Outcomes a worker may write on a row it holds a claim on.
@@ -34,20 +41,56 @@ SEND_OUTCOMES = frozenset(
     {State.ACCEPTED, State.DEFERRED, State.FAILED, State.INSECURE_CHANNEL, State.SUPPRESSED}
 )
 
+# PEC receipts arrive in any order: a receipt moves a row forward, never back (a delivery
+# receipt still counts after the 12 h warning or the 24 h timeout; ``esterno`` ends not_pec).
+PEC_FROM_SUBMITTED = frozenset(
+    {
+        State.PEC_ACCEPTED,
+        State.PEC_REJECTED,
+        State.NOT_PEC,
+        State.DELIVERY_WARNING,
+        State.DELIVERY_TIMEOUT,
+        State.DELIVERED,
+        State.DELIVERY_ERROR,
+    }
+)
+# PEC states still waiting for a receipt (their send stage is over: nothing is resent)
+PEC_AWAITING = frozenset({State.PEC_ACCEPTED, State.DELIVERY_WARNING, State.DELIVERY_TIMEOUT})
+PEC_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.PEC_ACCEPTED: frozenset(
+        {
+            State.NOT_PEC,
+            State.DELIVERY_WARNING,
+            State.DELIVERY_TIMEOUT,
+            State.DELIVERED,
+            State.DELIVERY_ERROR,
+        }
+    ),
+    State.DELIVERY_WARNING: frozenset(
+        {State.NOT_PEC, State.DELIVERY_TIMEOUT, State.DELIVERED, State.DELIVERY_ERROR}
+    ),
+    State.DELIVERY_TIMEOUT: frozenset({State.NOT_PEC, State.DELIVERED, State.DELIVERY_ERROR}),
+    State.PEC_REJECTED: frozenset(),
+    State.NOT_PEC: frozenset(),
+    State.DELIVERY_ERROR: frozenset(),
+}
+
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.PLANNED: frozenset({State.CLAIMED, State.SUPPRESSED}),
     State.CLAIMED: SEND_OUTCOMES | {State.SENDING, State.PLANNED, State.EXPIRED},
     State.SENDING: SEND_OUTCOMES | {State.UNCERTAIN, State.EXPIRED},
     State.DEFERRED: frozenset({State.CLAIMED, State.EXPIRED, State.SUPPRESSED}),
     # a bounce proves an uncertain message was accepted after all
-    State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED, State.BOUNCED}),
-    State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}),
+    State.UNCERTAIN: frozenset({State.PLANNED, State.ACCEPTED, State.FAILED, State.BOUNCED})
+    | PEC_FROM_SUBMITTED,
+    State.ACCEPTED: frozenset({State.BOUNCED, State.DELIVERED}) | PEC_FROM_SUBMITTED,
     State.DELIVERED: frozenset({State.BOUNCED}),
     State.FAILED: frozenset({State.PLANNED}),  # only by an operator's resend
     State.SUPPRESSED: frozenset(),
     State.INSECURE_CHANNEL: frozenset(),
     State.EXPIRED: frozenset(),
     State.BOUNCED: frozenset(),
+    **PEC_TRANSITIONS,
 }
 
 # States that can be claimed for sending.
@@ -62,6 +105,12 @@ FINAL = frozenset(
         State.EXPIRED,
         State.BOUNCED,
         State.DELIVERED,
+        State.PEC_ACCEPTED,
+        State.PEC_REJECTED,
+        State.NOT_PEC,
+        State.DELIVERY_WARNING,
+        State.DELIVERY_TIMEOUT,
+        State.DELIVERY_ERROR,
     }
 )
 
