@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from recapito.campaign import CampaignParams
 from recapito.report import domain_rows, funnel_markdown, pacing_markdown, text_summary
 from tasks.campaign import build_report, deliver_chunk, due_retries, prepare_campaign
+from tasks.pec import check_pec_credentials, deliver_pec_chunk
 
 
 def _deliver(
@@ -76,6 +77,42 @@ def _deliver(
             )
 
 
+def _deliver_pec(params: CampaignParams, prepared: dict[str, Any]) -> None:
+    """PEC chunk tasks (chunk -> token of its planned PEC rows), ``parallel_chunks`` at once."""
+    chunks = {int(k): v for k, v in prepared.get("pec_chunks", {}).items()}
+    if not chunks:
+        return
+    logger = get_run_logger()
+    expiring = check_pec_credentials(list(params.pec_mailbox_blocks))
+    if expiring:
+        logger.warning("%s PEC mailbox credential(s) expire soon", len(expiring))
+    queue = sorted(chunks)
+    pending: list[PrefectFuture[dict[str, Any]]] = []
+    while queue or pending:
+        while queue and len(pending) < params.parallel_chunks:
+            chunk = queue.pop(0)
+            pending.append(
+                deliver_pec_chunk.submit(
+                    params,
+                    chunk,
+                    prepared["campaign_key"],
+                    prepared["template_hash"],
+                    chunks[chunk],
+                )
+            )
+        finished, not_done = wait(pending, timeout=1.0)
+        for future in finished:
+            result = future.result()
+            logger.info(
+                "PEC chunk %s: %s claimed, outcomes %s, per mailbox %s",
+                result.get("chunk"),
+                result.get("claimed"),
+                result.get("outcomes"),
+                result.get("per_mailbox"),
+            )
+        pending = list(not_done)
+
+
 def _artifact_key(name: str) -> str:
     return "campaign-" + "".join(c if c.isalnum() else "-" for c in name.lower())[:80]
 
@@ -104,6 +141,7 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
         progress=0.0, key=f"{_artifact_key(params.name)}-progress", description="chunks delivered"
     )
     _deliver(params, prepared, chunks, 0, progress)
+    _deliver_pec(params, prepared)
     # deferred mail (greylisting, 4xx): what is already due is retried now, and the run
     # waits up to retry_within_run_seconds for more to come due
     deadline = time.monotonic() + params.retry_within_run_seconds

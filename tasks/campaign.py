@@ -57,6 +57,7 @@ def prepare_campaign(params: core.CampaignParams) -> dict[str, Any]:
         "campaign_id": prepared.campaign_id,
         "campaign_key": f"{campaign.id}@{campaign.created_at.isoformat()}",
         "chunks": {str(k): v for k, v in prepared.chunks.items()},
+        "pec_chunks": {str(k): v for k, v in (prepared.pec_chunks or {}).items()},
         "counts": prepared.counts,
         "template_hash": prepared.template_hash,
         "audience_path": prepared.audience_path,

@@ -135,6 +135,23 @@ class CampaignParams(BaseModel):
         description="Enforce the campaign rate across every worker with a Prefect global "
         "concurrency limit (needed when chunk tasks run on several processes or hosts)",
     )
+    rules: str | None = Field(
+        None,
+        description="Channel rules file (TOML or YAML, see recapito.pec.rules): which "
+        "recipients get PEC and through which PEC mailbox; empty = everyone by e-mail",
+    )
+    pec_mailbox_blocks: list[str] = Field(
+        default_factory=list,
+        description="Prefect PEC mailbox blocks the rules may use (names); empty = the "
+        "mailboxes of RECAPITO_PEC_MAILBOXES_FILE (the sandbox)",
+    )
+    pec_max_wait_seconds: float = Field(
+        900,
+        ge=0,
+        le=86_400,
+        description="PEC: how long a chunk waits out provider traffic limits before "
+        "deferring the rest to a later run",
+    )
 
     @field_validator("domain_limits", "mx_limits")
     @classmethod
@@ -210,6 +227,7 @@ class Prepared:
     counts: dict[str, Any]
     audience_path: str
     template_hash: str
+    pec_chunks: dict[int, str] | None = None  # chunks with planned PEC rows -> token
 
 
 AUTO_CHUNK_MIN = 1_000
@@ -249,6 +267,7 @@ _AUDIENCE_PARAMS = (
     "tls_policy",
     "message_class_column",
     "tls_policy_by_class",
+    "rules",
 )
 
 
@@ -352,6 +371,10 @@ def preflight(params: CampaignParams) -> None:
         _check_class_column(params, targeted.audience.columns)
         template.check_variables(targeted.audience.columns)
         _sample_render(template, targeted.audience, params)
+        if params.rules:  # every rule condition must compile against the contact columns
+            from recapito.pec.rules import check_rules, load_rules
+
+            check_rules(load_rules(params.rules), targeted.audience.schema, params.sender)
         lint_before_sending(template, targeted.audience, sender=params.sender, campaign=params.name)
 
 
@@ -388,6 +411,7 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             _check_class_column(params, audience.columns)
             template.check_variables(audience.columns)
             _sample_render(template, audience, params)
+            audience = _classify(params, settings, audience, out)
             # template lint: errors (clipped size, javascript: links...) stop the campaign
             lint_before_sending(
                 template, audience, sender=params.sender, campaign=params.name, log_warnings=True
@@ -411,15 +435,10 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             counts = dict(targeted.counts)
             counts["chunk_size"] = size
         ledger.expire_stale_claims(campaign.id)
-        planned = (
-            PlannedDelivery(str(cid), str(addr), str(dom), int(ch))
-            for cid, addr, dom, ch in audience.select(
-                "contact_id", "email", "email_domain", "_chunk"
-            ).iter_rows()
-        )
-        counts["planned_new"] = ledger.plan(campaign.id, planned)
+        counts["planned_new"] = ledger.plan(campaign.id, _planned_rows(audience))
         ledger.update_campaign(campaign.id, status="planned", counts=counts)
-        chunks = ledger.planned_chunks(campaign.id)
+        chunks = ledger.planned_chunks(campaign.id, channel="email")
+        pec_chunks = ledger.planned_chunks(campaign.id, channel="pec")
     finally:
         ledger.close()
     return Prepared(
@@ -429,7 +448,51 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
         counts=counts,
         audience_path=str(audience_path),
         template_hash=template.digest,
+        pec_chunks=pec_chunks,
     )
+
+
+def _classify(
+    params: CampaignParams, settings: Settings, audience: pl.DataFrame, out: Path
+) -> pl.DataFrame:
+    """Channel and PEC mailbox per recipient from the campaign's rules file (a copy of
+    the file is kept beside the audience snapshot, for ``recapito rules explain``)."""
+    if not params.rules:
+        return audience
+    from recapito.pec.mailboxes import configured_mailboxes
+    from recapito.pec.rules import classify, load_rules
+
+    rules = load_rules(params.rules)
+    names = list(params.pec_mailbox_blocks) or list(configured_mailboxes(settings.home))
+    decided = classify(audience, rules, sender=params.sender, mailboxes=names)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = Path(params.rules).suffix.lower() or ".toml"
+    (out / f"rules{suffix}").write_bytes(Path(params.rules).read_bytes())
+    return decided
+
+
+def _planned_rows(audience: pl.DataFrame) -> Any:
+    """One ledger row per recipient: e-mail, or PEC with the rule and mailbox chosen."""
+    if "_channel" not in audience.columns:
+        for cid, addr, dom, ch in audience.select(
+            "contact_id", "email", "email_domain", "_chunk"
+        ).iter_rows():
+            yield PlannedDelivery(str(cid), str(addr), str(dom), int(ch))
+        return
+    columns = ("contact_id", "_address", "_domain", "_chunk", "_channel", "_rule")
+    for cid, addr, dom, ch, channel, rule, box, box_rule in audience.select(
+        *columns, "_mailbox", "_mailbox_rule"
+    ).iter_rows():
+        yield PlannedDelivery(
+            str(cid),
+            str(addr),
+            str(dom),
+            int(ch),
+            channel=str(channel),
+            rule=rule,
+            mailbox_rule=box_rule,
+            pec_mailbox=box,
+        )
 
 
 def _worker_name() -> str:
@@ -501,7 +564,7 @@ def deliver_chunk(
         if campaign is None:
             raise InputError(f"campaign {params.name!r} is not prepared")
         claims = ledger.claim_chunk(
-            campaign.id, chunk, worker=_worker_name(), only_deferred=only_deferred
+            campaign.id, chunk, worker=_worker_name(), only_deferred=only_deferred, channel="email"
         )
         if not claims:
             return {"chunk": chunk, "claimed": 0, "outcomes": {}}
@@ -509,6 +572,7 @@ def deliver_chunk(
         # only this chunk's rows: row-group statistics skip most of the file, so a chunk
         # task of a 500k audience no longer loads all of it (0.2 s and ~150 MB each time)
         audience = pl.scan_parquet(audience_path).filter(pl.col("_chunk") == chunk).collect()
+        audience = audience.drop([c for c in _RULE_COLUMNS if c in audience.columns])
         renderer = chunk_renderer(
             template,
             audience,
@@ -541,6 +605,9 @@ def deliver_chunk(
     if params.paced:
         result["pacing"] = Pacer(params.pacing(f"{campaign.id}:{params.name}")).status()
     return result
+
+
+_RULE_COLUMNS = ("_channel", "_rule", "_address", "_domain", "_mailbox", "_mailbox_rule")
 
 
 def _claims_by_policy(

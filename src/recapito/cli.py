@@ -22,6 +22,7 @@ from recapito.bounces.cli import bounce
 from recapito.contacts.cli import contacts, demo_data
 from recapito.errors import RecapitoError
 from recapito.pec.cli import pec
+from recapito.pec.rules_cli import rules
 from recapito.render.cli import template as template_group
 from recapito.sandbox.cli import sandbox
 from recapito.tracking.cli import tracking
@@ -507,6 +508,7 @@ main.add_command(template_group)
 main.add_command(bounce)
 main.add_command(tracking)
 main.add_command(pec)
+main.add_command(rules)
 
 if __name__ == "__main__":
     main()

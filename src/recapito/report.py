@@ -8,6 +8,7 @@ from recapito.collect.analysis import bounce_analysis
 from recapito.errors import InputError
 from recapito.ledger import Ledger
 from recapito.pec.report import pec_analysis, pec_markdown
+from recapito.pec.rules import rules_markdown
 from recapito.tracking.store import engagement
 
 FUNNEL_STATES = ("accepted", "deferred", "failed", "insecure_channel", "uncertain")
@@ -53,6 +54,7 @@ def campaign_report(ledger: Ledger, name: str) -> dict[str, Any]:
         "domains": ledger.domain_table(campaign.id),
         "bounces": bounce_analysis(ledger, campaign.id),
         "engagement": engagement(ledger, campaign.id),
+        "rules": ledger.rule_table(campaign.id),
         "pec": pec_analysis(ledger, campaign.id),
     }
 
@@ -123,6 +125,7 @@ def funnel_markdown(report: dict[str, Any]) -> str:
         for reason, n in sorted(report["reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {reason} | {n:,} |")
     lines += bounces_markdown(report.get("bounces"))
+    lines += rules_markdown(report.get("rules"))
     lines += pec_markdown(report.get("pec"))
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,9 @@ deliveries = sa.Table(
     sa.Column("tls_level", sa.String(4)),
     sa.Column("next_attempt_at", TS),
     sa.Column("first_attempt_at", TS),  # set by the first claim: retries give up from here
+    sa.Column("rule", sa.String(100)),  # the channel rule that chose this row's channel
+    sa.Column("mailbox_rule", sa.String(100)),  # PEC: the rule that chose the mailbox
+    sa.Column("pec_mailbox", sa.String(100)),  # PEC: the sender mailbox it goes through
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
     sa.UniqueConstraint("campaign_id", "contact_id", "channel"),

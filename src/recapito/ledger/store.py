@@ -108,6 +108,9 @@ class PlannedDelivery:
     domain: str
     chunk: int
     channel: str = "email"
+    rule: str | None = None  # the channel rule that fired (recapito.pec.rules)
+    mailbox_rule: str | None = None  # PEC rows: the rule that chose the mailbox
+    pec_mailbox: str | None = None  # PEC rows: the sender mailbox
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class Claim:
     attempt: int
     token: str
     first_attempt_at: datetime | None = None
+    pec_mailbox: str | None = None  # PEC rows: the sender mailbox chosen at planning
 
 
 @dataclass(frozen=True)
@@ -428,6 +432,9 @@ class Ledger:
                         "address": row.address,
                         "domain": row.domain,
                         "chunk": row.chunk,
+                        "rule": row.rule,
+                        "mailbox_rule": row.mailbox_rule,
+                        "pec_mailbox": row.pec_mailbox,
                         "state": State.PLANNED.value,
                         "attempts": 0,
                         "created_at": now,
@@ -473,7 +480,7 @@ class Ledger:
         with self.engine.connect() as conn:
             return [int(r[0]) for r in conn.execute(query.distinct().order_by(deliveries.c.chunk))]
 
-    def planned_chunks(self, campaign_id: int) -> dict[int, str]:
+    def planned_chunks(self, campaign_id: int, channel: str | None = None) -> dict[int, str]:
         """Chunks that still hold ``planned`` rows, each with a token of those rows.
 
         The token changes whenever the set of planned rows does (rows released after a
@@ -492,6 +499,7 @@ class Ledger:
                     sa.and_(
                         deliveries.c.campaign_id == campaign_id,
                         deliveries.c.state == State.PLANNED.value,
+                        sa.true() if channel is None else deliveries.c.channel == channel,
                     )
                 )
                 .group_by(deliveries.c.chunk)
@@ -631,12 +639,14 @@ class Ledger:
         worker: str,
         lease: timedelta = timedelta(minutes=30),
         only_deferred: bool = False,
+        channel: str | None = None,
     ) -> list[Claim]:
         """Claim every sendable row of a chunk with one conditional UPDATE.
 
         Only ``planned`` rows and ``deferred`` rows that are due are taken (with
         ``only_deferred``, just the due deferred rows); a row claimed by someone else is
-        never taken, so two workers can never send the same delivery.
+        never taken, so two workers can never send the same delivery. With ``channel``
+        only that channel's rows are taken (e-mail and PEC chunks are sent apart).
         """
         now = utcnow()
         token = uuid.uuid4().hex
@@ -653,6 +663,7 @@ class Ledger:
                         deliveries.c.campaign_id == campaign_id,
                         deliveries.c.chunk == chunk,
                         sendable,
+                        sa.true() if channel is None else deliveries.c.channel == channel,
                     )
                 )
                 .values(
@@ -673,6 +684,7 @@ class Ledger:
                     deliveries.c.domain,
                     deliveries.c.attempts,
                     deliveries.c.first_attempt_at,
+                    deliveries.c.pec_mailbox,
                 )
                 .where(deliveries.c.claim_token == token)
                 .order_by(deliveries.c.domain, deliveries.c.id)
@@ -688,6 +700,7 @@ class Ledger:
                 attempt=int(r[4]),
                 token=token,
                 first_attempt_at=as_utc(r[5]),
+                pec_mailbox=r[6],
             )
             for r in rows
         ]
@@ -1044,6 +1057,41 @@ class Ledger:
                 .order_by(deliveries.c.id)
             ).all()
         return [dict(r._mapping) for r in rows]
+
+    def deliveries_of_contact(self, campaign_id: int, contact_id: str) -> list[dict[str, Any]]:
+        """The delivery rows of one contact in a campaign (one per channel)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deliveries)
+                .where(
+                    sa.and_(
+                        deliveries.c.campaign_id == campaign_id,
+                        deliveries.c.contact_id == contact_id,
+                    )
+                )
+                .order_by(deliveries.c.id)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    def rule_table(self, campaign_id: int) -> list[dict[str, Any]]:
+        """Recipients per (channel rule, channel, PEC mailbox), with their states."""
+        key = (deliveries.c.rule, deliveries.c.channel, deliveries.c.pec_mailbox)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(*key, deliveries.c.state, sa.func.count())
+                .where(deliveries.c.campaign_id == campaign_id)
+                .group_by(*key, deliveries.c.state)
+            ).all()
+        table: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for rule, channel, mailbox, state, count in rows:
+            ident = (str(rule or "-"), str(channel), str(mailbox or "-"))
+            entry = table.setdefault(
+                ident,
+                {"rule": ident[0], "channel": ident[1], "mailbox": ident[2], "recipients": 0},
+            )
+            entry[str(state)] = int(count)
+            entry["recipients"] += int(count)
+        return sorted(table.values(), key=lambda e: (-int(e["recipients"]), str(e["rule"])))
 
     def events_of(self, campaign_id: int, kind: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(events).where(events.c.campaign_id == campaign_id)

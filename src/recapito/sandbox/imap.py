@@ -83,9 +83,13 @@ class IMAPProcessSpec:
 
     @classmethod
     def from_json(cls, text: str) -> IMAPProcessSpec:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        data["extra_users"] = tuple(tuple(u) for u in data.get("extra_users", ()))
+        return cls(**data)
 
     mail_root: str  # the users' home directories
+    # more mailbox users (login, password): the sandbox PEC mailboxes (recapito.sandbox.pec)
+    extra_users: tuple[tuple[str, str], ...] = ()
 
 
 def mail_root(sandbox_dir: Path) -> Path:
@@ -220,7 +224,11 @@ def write_config(spec: IMAPProcessSpec, base_dir: Path) -> Path:
     fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(f"{spec.user}:{{PLAIN}}{spec.password}\n")
+        for login, password in spec.extra_users:
+            handle.write(f"{login}:{{PLAIN}}{password}\n")
     prepare_maildir(Path(spec.mail_root) / spec.user / "Maildir")
+    for login, _password in spec.extra_users:
+        prepare_maildir(Path(spec.mail_root) / login / "Maildir")
     conf = work / "dovecot.conf"
     conf.write_text(dovecot_conf(spec, base_dir), encoding="utf-8")
     return conf

@@ -43,6 +43,7 @@ import recapito
 from recapito import config
 from recapito.errors import RecapitoError
 from recapito.sandbox import _proc, dnssec, imap, world
+from recapito.sandbox import pec as pec_sandbox
 from recapito.sandbox.certs import (
     KeyPair,
     SandboxPKI,
@@ -108,6 +109,7 @@ class SandboxState:
     https_pid: int = 0
     imap_port: int = 0  # the bounce mailbox (implicit TLS); 0 when Dovecot is not installed
     imap_pid: int = 0
+    pec_pid: int = 0  # the PEC providers (recapito.sandbox.pec); 0 when not running
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -121,7 +123,8 @@ class SandboxState:
     @property
     def child_pids(self) -> list[int]:
         pids = [self.dns_pid, *(s.pid for s in self.servers)]
-        return [*pids, *(p for p in (self.https_pid, self.dnssec_pid, self.imap_pid) if p)]
+        extra = (self.https_pid, self.dnssec_pid, self.imap_pid, self.pec_pid)
+        return [*pids, *(p for p in extra if p)]
 
 
 def state_path(home: Path) -> Path:
@@ -319,8 +322,13 @@ class Sandbox:
         supervisor: bool = False,
         startup_timeout: float = STARTUP_TIMEOUT,
         https_port: int | None = None,
+        pec: pec_sandbox.PecWorld | None = None,
     ) -> None:
         self.home = Path(home).resolve()
+        # the PEC providers and their sender mailboxes (Dovecot users), when Dovecot runs
+        self.pec_world = pec or pec_sandbox.PecWorld()
+        self._pec_passwords = self.pec_world.new_passwords()
+        self._pec_ports: dict[str, int] = {}
         self.catch_all = catch_all
         self.extra_records = tuple(extra_records)
         self.supervisor = supervisor
@@ -364,6 +372,25 @@ class Sandbox:
     def imap_ports(self) -> tuple[int, int] | None:
         """(STARTTLS port, implicit-TLS port) of the bounce mailbox, None without Dovecot."""
         return self._imap_ports
+
+    @property
+    def pec_ports(self) -> dict[str, int]:
+        """SMTPS port of each PEC provider (empty when they do not run: no Dovecot)."""
+        return dict(self._pec_ports)
+
+    @property
+    def pec_mailboxes_file(self) -> Path:
+        """The sender PEC mailboxes (recapito.pec.mailboxes), with passwords: mode 0600."""
+        return self.sandbox_dir / "pec-mailboxes.json"
+
+    @property
+    def pec_journal(self) -> Path:
+        """What the PEC providers did, one JSON line per submission, refusal and receipt."""
+        return pec_sandbox.journal_path(self.sandbox_dir)
+
+    def pec_maildir(self, login: str) -> Path:
+        """The Maildir of a sender PEC mailbox (receipts land in its ``new`` folder)."""
+        return imap.mail_root(self.sandbox_dir) / login / "Maildir"
 
     @property
     def log_dir(self) -> Path:
@@ -443,6 +470,8 @@ class Sandbox:
                     "RECAPITO_BOUNCE_IMAP_CA_FILE": str(self.ca_file),
                 }
             )
+        if self._pec_ports:
+            settings["RECAPITO_PEC_MAILBOXES_FILE"] = str(self.pec_mailboxes_file)
         return settings
 
     def messages(self) -> list[StoredMessage]:
@@ -623,6 +652,7 @@ class Sandbox:
         )
         self._spawn("https", "recapito.sandbox.https", https_spec.to_json())
         self._launch_imap(owner)
+        self._launch_pec(owner)
         for server in world.MX_SERVERS:
             pair = self._pki.leaves.get(server.host)
             spec = MXProcessSpec(
@@ -716,9 +746,32 @@ class Sandbox:
             password=self._imap_password,
             parent_pid=owner,
             mail_root=str(imap.mail_root(self.sandbox_dir)),
+            extra_users=tuple(self._pec_passwords.items()),
         )
         self._spawn("imap", "recapito.sandbox.imap", spec.to_json())
         self._imap_ports = (ports[0], ports[1])
+
+    def _launch_pec(self, owner: int) -> None:
+        """The PEC providers: only with the IMAP server, where their receipts are read."""
+        self._pec_ports = {}
+        if self._imap_ports is None or not self.pec_world.providers:
+            return
+        taken = {self.mx_port, self.dns_port, self._https_port, *self._imap_ports}
+        ports: dict[str, int] = {}
+        for provider in self.pec_world.providers:
+            port = free_https_port(tuple(taken))
+            taken.add(port)
+            ports[provider.name] = port
+        spec = self.pec_world.process_spec(
+            self.sandbox_dir,
+            ports,
+            self._pec_passwords,
+            parent_pid=owner,
+            mail_root=imap.mail_root(self.sandbox_dir),
+            mail_owner=imap.mail_owner(),
+        )
+        self._spawn("pec", "recapito.sandbox.pec", spec.to_json())
+        self._pec_ports = ports
 
     def _await_ready(self, deadline: float) -> None:
         """Read each child's READY/ERROR line; raise on the first error or at the deadline."""
@@ -795,6 +848,20 @@ class Sandbox:
         _atomic_write_text(self.settings_path, json.dumps(settings, indent=2) + "\n")
         if self._imap_ports:
             os.chmod(self.settings_path, 0o600)  # it holds the bounce mailbox's password
+        if self._pec_ports:
+            assert self._imap_ports is not None
+            document = self.pec_world.mailboxes_document(
+                self._pec_ports,
+                self._pec_passwords,
+                ca_file=self.ca_file,
+                imap=(world.IMAP_SERVER.host, self._imap_ports[1]),
+            )
+            # written 0600 from the start: it holds the mailboxes' passwords
+            tmp = self.pec_mailboxes_file.with_name(f".pec-mailboxes.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(document, indent=2) + "\n")
+            os.replace(tmp, self.pec_mailboxes_file)
         by_name = {child.name: child.process.pid for child in self._children}
         state = SandboxState(
             owner_pid=os.getpid(),
@@ -816,6 +883,7 @@ class Sandbox:
             https_pid=by_name["https"],
             imap_port=self._imap_ports[1] if self._imap_ports else 0,
             imap_pid=by_name.get("imap", 0),
+            pec_pid=by_name.get("pec", 0),
         )
         _atomic_write_text(state_path(self.home), state.to_json() + "\n")
 
