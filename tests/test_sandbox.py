@@ -568,11 +568,16 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
     assert set(env) - set(expected) <= {
         "RECAPITO_DANE_RESOLVER",
         "RECAPITO_DKIM_KEYS",
+        "RECAPITO_PEC_MAILBOXES_FILE",
         *bounce_imap,
     }
     if sandbox.imap_ports is not None:
         assert bounce_imap <= set(env)
         assert sandbox.settings_path.stat().st_mode & 0o077 == 0  # it holds a password
+        # the PEC providers run with the IMAP server; their mailboxes file holds passwords
+        assert env["RECAPITO_PEC_MAILBOXES_FILE"] == str(sandbox.pec_mailboxes_file)
+        assert sandbox.pec_mailboxes_file.stat().st_mode & 0o077 == 0
+        assert set(sandbox.pec_ports) == {"postaveloce", "legalmail"}
     assert json.loads(sandbox.settings_path.read_text()) == env
     settings = Settings.load(env={"RECAPITO_HOME": str(sandbox.home)})
     assert settings.dns == sandbox.dns_address
@@ -582,7 +587,7 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
     state = read_state(sandbox.home)
     assert state is not None and state.owner_pid == os.getpid()
     assert {s.host: s.pid for s in state.servers} == {
-        h: p for h, p in sandbox.pids.items() if h not in ("dns", "https", "dnssec", "imap")
+        h: p for h, p in sandbox.pids.items() if h not in ("dns", "https", "dnssec", "imap", "pec")
     }
     assert (state.https_port, state.https_pid) == (sandbox.https_port, sandbox.pids["https"])
     assert all(pid_alive(p) for p in state.child_pids)
