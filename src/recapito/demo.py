@@ -143,6 +143,60 @@ def tracking_line(report: dict[str, Any], readers: dict[str, Any], url: str) -> 
     )
 
 
+LATE_BOUNCE_EVERY = 60  # one contact in 60 has a mailbox that bounces after accepting
+
+
+def with_late_bounces(frame: Any) -> Any:
+    """Give some demo contacts a mailbox the sandbox accepts and then bounces (moved user,
+    full or disabled mailbox), so the demo shows the bounce collector at work."""
+    import polars as pl
+
+    from recapito.sandbox.world import BOUNCE_LATER_MARKERS
+
+    markers = sorted(BOUNCE_LATER_MARKERS)
+    row = pl.int_range(0, pl.len())
+    marker = pl.lit(pl.Series(markers)).get((row // LATE_BOUNCE_EVERY) % len(markers))
+    local, domain = (
+        pl.col("email").str.splitn("@", 2).struct.field(f) for f in ("field_0", "field_1")
+    )
+    chosen = (row % LATE_BOUNCE_EVERY == 7) & pl.col("email").str.contains("@", literal=True)
+    return frame.with_columns(
+        pl.when(chosen)
+        .then(pl.concat_str([local, pl.lit("."), marker, pl.lit("@"), domain]))
+        .otherwise(pl.col("email"))
+        .alias("email")
+    )
+
+
+def collect_bounces() -> dict[str, Any] | None:
+    """One run of the bounce collector flow over the sandbox's bounce mailbox."""
+    from recapito.collect.bounces import MAILBOX_PREFIX
+    from recapito.collect.mailbox import MailboxSettings
+    from recapito.errors import ConfigError
+
+    try:
+        MailboxSettings.load(MAILBOX_PREFIX)
+    except ConfigError as exc:  # a sandbox without its IMAP server (no Dovecot here)
+        _say(f"no bounce collection: {exc}")
+        return None
+    from flows.bounce_collector import bounce_collector_flow
+
+    _say("collecting bounces from the sandbox bounce mailbox (IMAP)…")
+    result: dict[str, Any] = bounce_collector_flow()
+    return result
+
+
+def bounce_line(report: dict[str, Any], collected: dict[str, Any]) -> str:
+    b = report.get("bounces") or {}
+    reasons = ", ".join(f"{k} {v['total']:,}" for k, v in (b.get("reasons") or {}).items())
+    return (
+        f"Bounce collector: {collected['seen']:,} messages in the bounce mailbox, "
+        f"{collected['bounced']:,} deliveries bounced after acceptance"
+        + (f" ({reasons})" if reasons else "")
+        + f", {collected['quarantined']:,} quarantined"
+    )
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "recapito.cli", *args], text=True, capture_output=True, check=False
@@ -199,7 +253,7 @@ def run_demo(
         demo_dir = home / "demo"
         demo_dir.mkdir(parents=True, exist_ok=True)
         contacts = demo_dir / f"contacts-{n_contacts}.csv"
-        write_csv(generate(n_contacts, seed=42), contacts)
+        write_csv(with_late_bounces(generate(n_contacts, seed=42)), contacts)
         _say(f"generated {n_contacts:,} demo contacts in {contacts}")
 
         from recapito.campaign import CampaignParams, campaign_dir
@@ -230,6 +284,10 @@ def run_demo(
         from recapito.report import campaign_report, text_summary
         from recapito.sandbox.check import compare_with_maildirs
 
+        # the sandbox MX servers wrote DSNs for the mailboxes that fail after accepting:
+        # the collector reads them from the bounce mailbox, as its deployment would
+        bounces = collect_bounces()
+
         ledger = Ledger(settings.db_url, run_migrations=False)
         try:
             check = compare_with_maildirs(
@@ -246,6 +304,8 @@ def run_demo(
         print()
         print(text_summary(report))
         print(tracking_line(report, readers, tracking.url))
+        if bounces is not None:
+            print(bounce_line(report, bounces))
         if report["insecure_channel"]:
             print(
                 f"Secure Email ({report['tls_policy']}): insecure_channel "
