@@ -477,11 +477,20 @@ def test_simulator_1000_recipients_over_two_providers(home: Path, pec_sandbox: S
         if total >= expected:
             break
         time.sleep(0.5)
+    from recapito.pec import smime
+    from recapito.pec.receipts import parse_receipt
+
+    trust = smime.TrustStore.from_pem_file(pec_sandbox.ca_file)
     kinds: dict[str, int] = {}
+    signatures: dict[str, int] = {}
+    referenced: set[str] = set()
     for login in logins.values():
         for path in _receipts(pec_sandbox, login)[before[login] :]:
-            kind = str(_header(path, "X-Ricevuta"))
-            kinds[kind] = kinds.get(kind, 0) + 1
+            receipt = parse_receipt(path.read_bytes().replace(b"\n", b"\r\n"), trust)
+            kinds[receipt.type] = kinds.get(receipt.type, 0) + 1
+            status = receipt.signature.status
+            signatures[status] = signatures.get(status, 0) + 1
+            referenced.add(str(receipt.msgid))
     counts = kinds
     assert counts == {
         "accettazione": 1000,
@@ -489,6 +498,16 @@ def test_simulator_1000_recipients_over_two_providers(home: Path, pec_sandbox: S
         "errore-consegna": errors + silent,
         "preavviso-errore-consegna": silent + late,
     }
+    assert signatures == {"valid": sum(counts.values())}
+    # every receipt names a message of the campaign, and every message has receipts
+    ledger = Ledger(settings.db_url)
+    try:
+        campaign = ledger.get_campaign("pec-simulator")
+        assert campaign is not None
+        sent_ids = {str(r["message_id"]) for r in ledger.deliveries_of(campaign.id)}
+    finally:
+        ledger.close()
+    assert referenced == sent_ids
     # the receipts are there over IMAP too (what the receipt collector reads)
     _imap_counts(pec_sandbox, boxes, {login: before[login] + 0 for login in logins.values()})
     elapsed = time.time() - started
@@ -516,3 +535,48 @@ def _imap_counts(sandbox: Sandbox, boxes: dict[str, PecMailbox], before: dict[st
             found = len(client.search(["ALL"]))
             on_disk = len(_receipts(sandbox, box.address))
             assert found == on_disk, (box.name, found, on_disk)
+
+
+@pytest.mark.prefect
+def test_campaign_flow_sends_pec_rows_through_the_pec_task(
+    prefect_harness: None, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The campaign flow with a rules file: e-mail rows by the chunk task, PEC rows by the
+    PEC chunk task under the mailboxes' Prefect global limits; the report groups by rule."""
+    if sandbox.pec_ports == {}:
+        pytest.skip("the sandbox runs no PEC provider (no dovecot)")
+    from flows.campaign import campaign_flow
+
+    monkeypatch.setenv("RECAPITO_HOME", str(tmp_path))
+    for key, value in sandbox.env().items():
+        monkeypatch.setenv(key, value)
+    lines = ["id;nome;email;segmento;citta;provincia;consenso_email;pec;classe"]
+    lines += [
+        "F1;Anna;anna.pecflow@postaveloce.test;retail;Roma;RM;true;anna@pec.postaveloce.test;legal",
+        "F2;Luca;luca.pecflow@mailitalia.test;retail;Roma;RM;true;;legal",
+        "F3;Sara;sara.pecflow@mailitalia.test;retail;Roma;RM;true;sara@legalmail-esempio.test;"
+        "legal",
+        "F4;Ugo;ugo.pecflow@mailitalia.test;retail;Roma;RM;true;ugo@pec.postaveloce.test;news",
+    ]
+    contacts = tmp_path / "c.csv"
+    contacts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rules = _rules(tmp_path / "rules.toml", {"campagne-postaveloce": 1, "notifiche-legalmail": 1})
+    params = CampaignParams(
+        name="pec-flow",
+        contacts=str(contacts),
+        template=str(DEMO_TEMPLATE),
+        sender="legale@banca-esempio.test",
+        rules=str(rules),
+        chunk_size=10,
+    )
+    report = campaign_flow(params)
+    rows = {(r["rule"], r["channel"], r["mailbox"]): r for r in report["rules"]}
+    assert {k: (r["recipients"], r.get("accepted", 0)) for k, r in rows.items()} == {
+        ("legal-pec", "pec", "campagne-postaveloce"): (1, 1),
+        ("legal-pec", "pec", "notifiche-legalmail"): (1, 1),
+        ("rest", "email", "-"): (2, 2),
+    }
+    assert report["funnel"]["accepted"] == 4
+    from recapito.report import funnel_markdown
+
+    assert "## Recipients by rule" in funnel_markdown(report)
