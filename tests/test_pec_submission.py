@@ -313,6 +313,7 @@ def test_submission_paced_per_mailbox_receipts_signed(home: Path, pec_sandbox: S
         assert {r["state"] for r in rows} == {"accepted"}
         assert {r["rule"] for r in rows} == {"legal-pec"}
         assert {r["pec_mailbox"] for r in rows} == {name}
+        assert {r["tls_version"] for r in rows} <= {"TLSv1.2", "TLSv1.3"}
         assert all(str(r["message_id"]).endswith("@pec.postaveloce.test>") for r in rows)
         assert all(f".{r['id']}." in str(r["message_id"]) for r in rows)
         sent = ledger.events_of(campaign.id, "sent")

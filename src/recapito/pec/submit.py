@@ -470,8 +470,8 @@ class PecRun:
                 reply_code=reply.code,
                 reply_text=reply.message[:500],
                 message_id=message.message_id,
-                tls_version="TLSv1.2+",
-                tls_level="L3",
+                tls_version=_tls_version(smtp),
+                tls_level="L3",  # verified chain and name, always (never sent otherwise)
                 reason=None,
             ),
         )
@@ -516,6 +516,13 @@ class PecRun:
                 message_id=message_id,
             ),
         )
+
+
+def _tls_version(smtp: aiosmtplib.SMTP) -> str | None:
+    transport = smtp.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    version = ssl_object.version() if ssl_object is not None else None
+    return str(version) if version else None
 
 
 def _drain(queue: asyncio.Queue[Claim]) -> list[Claim]:
