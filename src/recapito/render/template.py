@@ -45,6 +45,7 @@ from markupsafe import Markup, escape
 from recapito.errors import TemplateError
 from recapito.render.blocks import BlockCondition, apply_blocks, parse_blocks
 from recapito.render.layout import inline_css, mjml_to_html, wire_ready_html
+from recapito.render.links import LinkSlots, mark_links
 from recapito.render.mime import AddressError, alternative_message, mailbox, unstructured
 from recapito.render.text import html_template_to_text_template, html_to_text
 
@@ -66,12 +67,16 @@ def header_safe(value: str) -> str:
 
 def _ascii_markup(value: Any) -> Any:
     """HTML output of a placeholder with non-ASCII characters as character references
-    (``Zoë`` → ``Zo&#235;``), so the HTML part stays 7bit."""
-    if isinstance(value, str) and value.isascii():
+    (``Zoë`` → ``Zo&#235;``), so the HTML part stays 7bit; a NUL (never allowed in a
+    message) becomes U+FFFD, so a NUL in the output can only come from the template
+    (``recapito.render.links`` marks links with one)."""
+    if isinstance(value, str) and value.isascii() and "\x00" not in value:
         return value
     if isinstance(value, jinja2.Undefined):
         return value
     escaped = escape(value)
+    if "\x00" in escaped:
+        escaped = Markup(str(escaped).replace("\x00", "&#65533;"))
     if escaped.isascii():
         return escaped
     return Markup(escaped.encode("ascii", "xmlcharrefreplace").decode("ascii"))
@@ -141,6 +146,10 @@ class CompiledTemplate:
     meta: Mapping[str, Any] | None = None  # template.toml
     # subject, preheader and From name in one template (one render instead of three)
     heads: jinja2.Template | None = None
+    # the HTML with its links marked for tracking (``recapito.render.links``), and the
+    # links; None when the template cannot be marked (the tracker then scans each message)
+    html_marked: jinja2.Template | None = None
+    link_slots: LinkSlots | None = None
 
     def _short_parts(self, values: Mapping[str, Any]) -> tuple[str, str, str]:
         """(subject, preheader, From name), header values already made safe."""
@@ -180,20 +189,29 @@ class CompiledTemplate:
         transform: Callable[[str, str], tuple[str, str]] | None = None,
     ) -> RenderedMessage:
         """``transform(html, text) -> (html, text)`` runs on the rendered bodies before the
-        MIME is written (link tracking and the open pixel, recapito.tracking)."""
+        MIME is written (link tracking and the open pixel, recapito.tracking). A transform
+        with a ``marked(html, text, slots)`` method gets the output of the marked HTML
+        template and the link slots instead, when the template has them."""
         values = {k: ("" if v is None else v) for k, v in context.items()}
         for block in self.blocks:
             values[block.flag] = block.evaluate(context, self.name)
+        marked = None
+        if transform is not None and self.html_marked is not None and self.text is not None:
+            marked = getattr(transform, "marked", None)
         try:
             subject, preheader, from_name = self._short_parts(values)
-            html = self.html.render({**values, "preheader": preheader})
+            html_template = self.html if marked is None else self.html_marked
+            assert html_template is not None
+            html = html_template.render({**values, "preheader": preheader})
             if self.text is not None:
                 text = _BLANK_RUNS.sub("\n\n", self.text.render({**values, "preheader": preheader}))
             else:
                 text = html_to_text(html)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template {self.name!r}: {exc}") from exc
-        if transform is not None:
+        if marked is not None:
+            html, text = marked(html, text, self.link_slots)
+        elif transform is not None:
             html, text = transform(html, text)
         sender_domain = sender.rpartition("@")[2]
         try:
@@ -343,6 +361,16 @@ def _compile_template(path: str | Path) -> CompiledTemplate:
             compiled["text"] = compile_source(plain_env, html_template_to_text_template(html_src))
         except jinja2.TemplateSyntaxError:
             compiled["text"] = None
+    html_marked: jinja2.Template | None = None
+    link_slots: LinkSlots | None = None
+    wired = wire_ready_html(html_src)
+    marking = mark_links(wired, html_env.parse(wired))
+    if marking is not None:
+        try:
+            html_marked = compile_source(html_env, marking[0])
+            link_slots = marking[1]
+        except jinja2.TemplateSyntaxError:
+            pass  # cannot happen for a source that compiled unmarked; scan per message
     missing_blocks = sorted(set(blocks) - found)
     if missing_blocks:
         raise TemplateError(
@@ -374,6 +402,8 @@ def _compile_template(path: str | Path) -> CompiledTemplate:
         html_source=html_src,
         meta=meta,
         heads=heads,
+        html_marked=html_marked,
+        link_slots=link_slots,
     )
 
 

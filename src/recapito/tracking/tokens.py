@@ -30,18 +30,21 @@ import binascii
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recapito.errors import ConfigError, RecapitoError
 from recapito.identity.verp import VerpKeyring
+from recapito.render.links import MAX_TARGET_LENGTH
 
 if TYPE_CHECKING:
+    from hashlib import _Hash
+
     from recapito.config import Settings
 
 GENERATED_KEYS_FILE = Path("secrets") / "tracking-keys"
-MAX_TARGET_LENGTH = 2048  # longer link targets are not tracked (left as they are)
 _MAC_BYTES = 12
 _CTX_OPEN = b"recapito-open-v1"
 _CTX_CLICK = b"recapito-click-v1"
@@ -52,6 +55,9 @@ _CLICK = re.compile(
     rf"^([a-z0-9]{{1,16}})\.([0-9]{{1,18}})\.([0-9]{{1,4}})\.({_B64}{{1,2800}})\.({_B64}{{16}})$"
 )
 _UNSUB = re.compile(r"^([0-9]{1,18})-([a-z0-9]{1,16})-([a-z2-7]{20})$")
+
+
+__all__ = ["MAX_TARGET_LENGTH", "ClickTarget", "TokenError", "TokenSigner", "tracking_keyring"]
 
 
 class TokenError(RecapitoError):
@@ -70,6 +76,30 @@ def tracking_keyring(settings: Settings) -> VerpKeyring:
             raise ConfigError(f"RECAPITO_TRACKING_KEYS_FILE={path}: unreadable ({exc})") from exc
         return VerpKeyring.parse(text, f"RECAPITO_TRACKING_KEYS_FILE={path}")
     return VerpKeyring.generated(settings.home, GENERATED_KEYS_FILE)
+
+
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _hmac_states(secret: bytes) -> tuple[_Hash, _Hash]:
+    """SHA-256 states with the HMAC inner and outer padded keys absorbed (RFC 2104)."""
+    key = hashlib.sha256(secret).digest() if len(secret) > 64 else secret
+    key = key.ljust(64, b"\0")
+    return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
+
+
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> two base32 digits
+_B32_SHIFTS = tuple(range(110, 10, -10))
+
+
+def _b32(mac: bytes) -> str:
+    """A 12-byte MAC in lowercase base32 without padding (20 characters), as
+    ``base64.b32encode(mac).lower().rstrip("=")`` writes it, without its Python loop."""
+    number = int.from_bytes(mac + b"\0\0\0", "big")  # 120 bits: 24 digits, 20 used
+    return "".join([_B32_PAIRS[(number >> shift) & 1023] for shift in _B32_SHIFTS])
 
 
 def _b64(data: bytes) -> str:
@@ -93,11 +123,20 @@ class TokenSigner:
 
     def __init__(self, keyring: VerpKeyring) -> None:
         self.keyring = keyring
-        self._keyed = {
-            kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in keyring.keys
-        }
+        # HMAC-SHA256 as RFC 2104 defines it, from SHA-256 states with the padded key
+        # absorbed: copying two hash states is cheaper than copying an ``hmac`` object
+        self._keyed = {kid: _hmac_states(secret) for kid, secret in keyring.keys}
         self.signing_key_id = keyring.signing_key_id
-        self._targets: dict[str, str] = {}  # link target -> its base64url form (per campaign)
+        # the signing key's inner states with each fixed prefix (context, key id) absorbed
+        inner, self._outer = self._keyed[self.signing_key_id]
+        kid = self.signing_key_id.encode()
+        self._open_inner, self._click_inner, self._unsub_inner = (inner.copy() for _ in range(3))
+        self._open_inner.update(_CTX_OPEN + b"\0" + kid + b"\0")
+        self._click_inner.update(_CTX_CLICK + b"\0" + kid + b"\0")
+        self._unsub_inner.update(_CTX_UNSUB + b"\0" + kid + b"\0")
+        # link target -> NUL + its UTF-8 bytes, and ".<base64url>." (a campaign's links
+        # repeat in every message)
+        self._targets: dict[str, tuple[bytes, str]] = {}
         self._unsub: tuple[int, str] = (-1, "")  # the last unsubscribe token made
 
     def __repr__(self) -> str:
@@ -107,21 +146,26 @@ class TokenSigner:
         keyed = self._keyed.get(key_id)
         if keyed is None:
             return None
-        mac = keyed.copy()
-        mac.update(b"\0".join(parts))
-        return mac.digest()[:_MAC_BYTES]
+        inner = keyed[0].copy()
+        inner.update(b"\0".join(parts))
+        outer = keyed[1].copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_MAC_BYTES]
 
-    def _sign(self, *parts: bytes) -> bytes:
-        mac = self._mac(self.signing_key_id, *parts)
-        assert mac is not None
-        return mac
+    def _sign(self, prefixed: _Hash, rest: bytes) -> bytes:
+        """The MAC with the signing key of a message whose start ``prefixed`` absorbed."""
+        inner = prefixed.copy()
+        inner.update(rest)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_MAC_BYTES]
 
     # ---- open -------------------------------------------------------------------------
 
     def open_token(self, delivery_id: int) -> str:
         did = str(delivery_id)
-        kid = self.signing_key_id
-        return f"{kid}.{did}.{_b64(self._sign(_CTX_OPEN, kid.encode(), did.encode()))}"
+        mac = self._sign(self._open_inner, did.encode())
+        return f"{self.signing_key_id}.{did}.{_b64(mac)}"
 
     def verify_open(self, token: str) -> int:
         match = _OPEN.match(token)
@@ -136,15 +180,34 @@ class TokenSigner:
     # ---- click ------------------------------------------------------------------------
 
     def click_token(self, delivery_id: int, index: int, url: str) -> str:
-        did, idx, target = str(delivery_id), str(index), url.encode("utf-8")
-        kid = self.signing_key_id
-        mac = self._sign(_CTX_CLICK, kid.encode(), did.encode(), idx.encode(), target)
-        encoded = self._targets.get(url)
-        if encoded is None:
-            encoded = _b64(target)
-            if len(self._targets) < 10_000:  # a campaign's links repeat in every message
-                self._targets[url] = encoded
-        return f"{kid}.{did}.{idx}.{encoded}.{_b64(mac)}"
+        return self.clicker(delivery_id)(index, url)
+
+    def clicker(self, delivery_id: int, prefix: str = "") -> Callable[[int, str], str]:
+        """``prefix + click_token(delivery_id, index, url)`` for the links of one message:
+        the MAC state with everything up to the delivery id absorbed is made once."""
+        did = str(delivery_id)
+        state = self._click_inner.copy()
+        state.update(did.encode() + b"\0")
+        head = f"{prefix}{self.signing_key_id}.{did}."
+        targets = self._targets
+        outer = self._outer
+
+        def token(index: int, url: str) -> str:
+            found = targets.get(url)
+            if found is None:
+                target = url.encode("utf-8")
+                found = (b"\0" + target, f".{_b64(target)}.")
+                if len(targets) < 10_000:  # a campaign's links repeat in every message
+                    targets[url] = found
+            idx = str(index)
+            inner = state.copy()
+            inner.update(idx.encode() + found[0])
+            mac = outer.copy()
+            mac.update(inner.digest())
+            tag = binascii.b2a_base64(mac.digest()[:_MAC_BYTES], newline=False)
+            return head + idx + found[1] + tag.translate(_URLSAFE).decode("ascii")
+
+        return token
 
     def verify_click(self, token: str) -> ClickTarget:
         match = _CLICK.match(token)
@@ -169,9 +232,9 @@ class TokenSigner:
         last_id, last = self._unsub  # headers and body link of one message ask in a row
         if last_id == delivery_id:
             return last
-        did, kid = str(delivery_id), self.signing_key_id
-        mac = self._sign(_CTX_UNSUB, kid.encode(), did.encode())
-        token = f"{did}-{kid}-{base64.b32encode(mac).decode('ascii').lower().rstrip('=')}"
+        did = str(delivery_id)
+        mac = self._sign(self._unsub_inner, did.encode())
+        token = f"{did}-{self.signing_key_id}-{_b32(mac)}"
         self._unsub = (delivery_id, token)
         return token
 
@@ -183,7 +246,7 @@ class TokenSigner:
         expected = self._mac(kid, _CTX_UNSUB, kid.encode(), did.encode())
         if expected is None:
             raise TokenError("unsubscribe token signed with an unknown key")
-        shown = base64.b32encode(expected).decode("ascii").lower().rstrip("=")
+        shown = _b32(expected)
         if not hmac.compare_digest(mac, shown):
             raise TokenError("unsubscribe token does not verify")
         return int(did)
