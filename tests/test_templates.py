@@ -286,6 +286,19 @@ def test_lint_clean_template_and_warnings(tmp_path: Path) -> None:
     assert code == 0 and all(line.startswith("template 'warned': warning: ") for line in lines)
 
 
+def test_lint_without_contacts_renders_an_email_placeholder(tmp_path: Path) -> None:
+    """The made-up sample's "[email]" goes in the body, not in the To header (it used to
+    make every template that shows ``{{ email }}`` fail: 'not an e-mail address')."""
+    from recapito.sandbox import __file__ as sandbox_init
+
+    demo = Path(sandbox_init).parent / "demo_template"
+    assert lint_template(demo).findings == []  # no error, no 'no unsubscribe link' warning
+    assert _lint_cli(str(demo)) == (0, ["template 'demo_template': ok"])
+    html = '<p>Scritto a {{ email }}</p><a href="{{ unsubscribe_url }}">Disiscriviti</a>'
+    root = _write(tmp_path / "mail", 'subject = "Ciao"\npreheader = "p"\n', body_html=html)
+    assert not lint_template(root).errors
+
+
 def test_lint_errors_stop(tmp_path: Path) -> None:
     contacts = tmp_path / "contacts.csv"
     contacts.write_text(CONTACTS, encoding="utf-8")

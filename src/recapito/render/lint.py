@@ -153,7 +153,10 @@ def lint_template(
             message = template.render(
                 context,
                 sender=sender,
-                recipient=str(sample.get("email") or "lint@example.test"),
+                # a made-up sample's "[email]" is no address: only real contacts' are used
+                recipient=str(
+                    (sample.get("email") if contacts is not None else None) or "lint@example.test"
+                ),
                 message_id=message_id_for(campaign, i, sender.rpartition("@")[2]),
             )
         except RecapitoError as exc:
