@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -16,10 +17,12 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.sending import approval_gate, due_now, schedule_slots
 from recapito.campaign import CampaignParams
 from recapito.report import domain_rows, funnel_markdown, pacing_markdown, text_summary
 from tasks.campaign import build_report, deliver_chunk, due_retries, prepare_campaign
 from tasks.pec import check_pec_credentials, deliver_pec_chunk
+from tasks.sending import slot_status
 
 
 def _deliver(
@@ -137,11 +140,33 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
         counts.get("filtered_out"),
         len(chunks),
     )
+    if not approval_gate(params, prepared):  # above approval_threshold: pause for approval
+        report = build_report(params.name)
+        create_markdown_artifact(
+            funnel_markdown(report), key=_artifact_key(params.name), description="campaign funnel"
+        )
+        return report
+    # sending modes: chunks whose slot has come go now; later slots are scheduled runs of
+    # the campaign-slot deployment, or waited for here (flows/sending.py)
+    all_chunks = chunks
+    chunks, pec_now, future = due_now(params, prepared)
+    waiting = schedule_slots(params, prepared, future)
     progress = create_progress_artifact(
         progress=0.0, key=f"{_artifact_key(params.name)}-progress", description="chunks delivered"
     )
     _deliver(params, prepared, chunks, 0, progress)
-    _deliver_pec(params, prepared)
+    _deliver_pec(params, {**prepared, "pec_chunks": pec_now})
+    pec_all = {int(k): v for k, v in prepared.get("pec_chunks", {}).items()}
+    for at, slot_chunks in sorted(waiting.items()):
+        wait = (datetime.fromisoformat(at) - datetime.now(UTC)).total_seconds()
+        logger.info("slot %s: waiting %.0f s for its %s chunks", at, wait, len(slot_chunks))
+        time.sleep(max(0.0, wait))
+        _deliver(
+            params, prepared, {c: all_chunks[c] for c in slot_chunks if c in all_chunks}, 0, None
+        )
+        _deliver_pec(
+            params, {**prepared, "pec_chunks": {c: pec_all[c] for c in slot_chunks if c in pec_all}}
+        )
     # deferred mail (greylisting, 4xx): what is already due is retried now, and the run
     # waits up to retry_within_run_seconds for more to come due
     deadline = time.monotonic() + params.retry_within_run_seconds
@@ -162,6 +187,8 @@ def campaign_flow(params: CampaignParams) -> dict[str, Any]:
         if time.monotonic() >= deadline:
             break
     report = build_report(params.name, finish=True)
+    if prepared.get("slots") and slot_status(params.name, prepared["slots"]):
+        report["status"] = "scheduled"  # slots still to come (scheduled campaign-slot runs)
     key = _artifact_key(params.name)
     create_markdown_artifact(funnel_markdown(report), key=key, description="campaign funnel")
     create_table_artifact(domain_rows(report), key=f"{key}-domains", description="per domain")

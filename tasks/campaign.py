@@ -18,6 +18,7 @@ from recapito.delivery.engine import Permits
 from recapito.errors import TransientError
 from recapito.ledger import Ledger
 from recapito.report import campaign_report
+from recapito.sending.slots import slot_plan
 
 
 def transient_only(task_: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -61,6 +62,8 @@ def prepare_campaign(params: core.CampaignParams) -> dict[str, Any]:
         "counts": prepared.counts,
         "template_hash": prepared.template_hash,
         "audience_path": prepared.audience_path,
+        # sending modes: slot (ISO UTC) -> its chunks; empty when sending immediately
+        "slots": slot_plan(prepared.audience_path),
     }
 
 

@@ -16,12 +16,12 @@ import re
 import socket
 import tempfile
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, Field, field_validator, model_validator
 
 from recapito.config import Settings
 from recapito.contacts.sources import ContactSource, load
@@ -41,6 +41,7 @@ from recapito.render.template import (
 )
 from recapito.security.policy import TLSPolicy
 from recapito.security.recipient import mx_resolver, recipient_policies
+from recapito.sending.slots import assign_slots
 from recapito.tracking import Tracker, contact_allows_tracking, tracker_for
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
@@ -153,6 +154,54 @@ class CampaignParams(BaseModel):
         "deferring the rest to a later run",
     )
 
+    # ---- sending modes (recapito.sending; DESIGN §9) ----
+    sending_mode: Literal["immediate", "scheduled", "waves", "contact_timezone", "best_time"] = (
+        Field(
+            "immediate",
+            description="immediate; scheduled (at send_at); waves (wave_size or wave_percent "
+            "every wave_interval_minutes); contact_timezone (inside send_window of each "
+            "contact's timezone); best_time (each contact's best hour, inside the window). "
+            "Slots are fixed when the campaign is first prepared",
+        )
+    )
+    send_at: AwareDatetime | None = Field(
+        None, description="Start of sending, with its time zone, e.g. 2026-05-04T09:30+02:00"
+    )
+    wave_percent: float | None = Field(
+        None, gt=0, le=100, description="Waves: this share of the recipients per interval"
+    )
+    send_window: str = Field(
+        "09:00-18:00", description="Local hours of each contact in which mail may go"
+    )
+    timezone_column: str = Field("timezone", description="Contact column with an IANA zone")
+    default_timezone: str = Field("Europe/Rome", description="Zone of contacts without one")
+    business_days_only: bool = Field(
+        True, description="No sending on weekends and Italian public holidays"
+    )
+    extra_holidays: list[date] = Field(
+        default_factory=list, description="Further closing days (e.g. the patron saint's day)"
+    )
+    best_time_horizon_hours: int = Field(
+        168, ge=1, le=24 * 14, description="Best time: slots within this many hours of the start"
+    )
+    best_time_fallback: str = Field(
+        "10:00", description="Best time: local time used when a contact's history is thin"
+    )
+    slot_dispatch: Literal["auto", "deployment", "in_flow"] = Field(
+        "auto",
+        description="Future slots as scheduled runs of the campaign-slot deployment "
+        "(deployment; auto when it exists and the campaign runs from a deployment) or "
+        "waited for inside this run (in_flow)",
+    )
+    approval_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="Above this many recipients the run pauses for approval before delivery",
+    )
+    approval_timeout_hours: float = Field(
+        24, gt=0, le=24 * 14, description="An unanswered approval request rejects the campaign"
+    )
+
     @field_validator("domain_limits", "mx_limits")
     @classmethod
     def _limits(cls, value: dict[str, str]) -> dict[str, str]:
@@ -165,8 +214,27 @@ class CampaignParams(BaseModel):
 
     @model_validator(mode="after")
     def _waves(self) -> CampaignParams:
-        if (self.wave_size is None) != (self.wave_interval_minutes is None):
+        if self.sending_mode == "waves":
+            if self.wave_interval_minutes is None or (self.wave_size is None) == (
+                self.wave_percent is None
+            ):
+                raise ValueError(
+                    "sending_mode waves needs wave_interval_minutes and one of "
+                    "wave_size or wave_percent"
+                )
+        elif (self.wave_size is None) != (self.wave_interval_minutes is None):
             raise ValueError("waves need both wave_size and wave_interval_minutes")
+        elif self.wave_percent is not None:
+            raise ValueError("wave_percent needs sending_mode waves")
+        if self.sending_mode == "scheduled" and self.send_at is None:
+            raise ValueError("sending_mode scheduled needs send_at")
+        from recapito.sending.calendar import parse_hhmm, parse_window
+
+        try:
+            parse_window(self.send_window)
+            parse_hhmm(self.best_time_fallback, "best_time_fallback")
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         if self.shared_rate_limit and not (self.rate_per_minute or self.rate_per_hour):
             raise ValueError("shared_rate_limit needs rate_per_minute or rate_per_hour")
         return self
@@ -176,9 +244,10 @@ class CampaignParams(BaseModel):
         return PacingOptions(
             per_minute=self.rate_per_minute,
             per_hour=self.rate_per_hour,
-            wave_size=self.wave_size,
+            # in sending_mode waves the slots are the waves (no in-process wave gate)
+            wave_size=None if self.sending_mode == "waves" else self.wave_size,
             wave_interval=None
-            if self.wave_interval_minutes is None
+            if self.wave_interval_minutes is None or self.sending_mode == "waves"
             else self.wave_interval_minutes * 60,
             domain_limits={k: Limit.parse(v, k) for k, v in self.domain_limits.items()},
             mx_limits={k: Limit.parse(v, k) for k, v in self.mx_limits.items()},
@@ -187,7 +256,8 @@ class CampaignParams(BaseModel):
 
     @property
     def paced(self) -> bool:
-        return bool(self.rate_per_minute or self.rate_per_hour or self.wave_size)
+        waves = self.wave_size and self.sending_mode != "waves"
+        return bool(self.rate_per_minute or self.rate_per_hour or waves)
 
     @field_validator("name")
     @classmethod
@@ -405,9 +475,8 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             # given the whole Loaded, target() also counts the unreadable rows as rejections
             targeted = target(loaded, params.mapping, params.filter, ledger.suppressed_among)
             size = chunk_size_for(targeted.audience.height, params.chunk_size)
-            audience = targeted.audience.with_columns(
-                (pl.int_range(0, pl.len()) // size).cast(pl.Int32).alias("_chunk")
-            )
+            # _chunk, and with a sending mode the _slot of each row (chunks never span slots)
+            audience = assign_slots(targeted.audience, params, size, utcnow(), ledger)
             _check_class_column(params, audience.columns)
             template.check_variables(audience.columns)
             _sample_render(template, audience, params)
