@@ -55,7 +55,7 @@ class BestTimeModel:
     response_window: timedelta = timedelta(hours=3)
     neighbour_weights: tuple[float, ...] = (0.5, 0.25)
     same_hour_weight: float = 0.1
-    contact_strength: float = 2.0  # C: prior pseudo-sends in each hour of a contact
+    contact_strength: float = 10.0  # C: prior pseudo-sends in each hour of a contact
     segment_strength: float = 50.0  # S
     global_strength: float = 20.0  # G
     level_strength: float | None = None  # A; None: method-of-moments estimate
