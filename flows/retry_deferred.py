@@ -1,9 +1,10 @@
-"""The retry-deferred flow: deferred mail (greylisting, 4xx) of every campaign, once due.
+"""The retry-deferred flow: deferred mail (greylisting, 4xx) and PEC, of every campaign, once due.
 
 Scheduled every few minutes (deployments/prefect.yaml). One task finds the campaigns with
 deferred rows due now; when there are none the run ends there. Otherwise each chunk holding
-such rows is sent again through the campaign's own engine path and ledger, at most
-``parallel_chunks`` of a campaign at a time.
+such rows is sent again through the campaign's own engine path and ledger (deferred PEC
+rows through the PEC path: provider traffic limits, 4xx), at most ``parallel_chunks`` of a
+campaign at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.campaign import find_due_retries, finish_retries, retry_chunk
+from tasks.pec import retry_pec_chunk
 
 
 @flow(
@@ -33,20 +35,19 @@ def retry_deferred_flow(campaign: str | None = None) -> dict[str, Any]:
         return {"campaigns": {}, "skipped": due["skipped"]}
     summary: dict[str, dict[str, int]] = {}
     for target in due["targets"]:
-        params, chunks = target["params"], target["chunks"]
+        params = target["params"]
         counts = summary.setdefault(target["name"], {"chunks": 0, "claimed": 0})
         pending: list[PrefectFuture[dict[str, Any]]] = []
-        queue = sorted(chunks)
+        # e-mail chunks through the engine, PEC chunks through the PEC path (its mailboxes
+        # and their shared limits): each task takes only its channel's due deferred rows
+        queue = [(retry_chunk, c, t) for c, t in sorted(target["chunks"].items())]
+        queue += [(retry_pec_chunk, c, t) for c, t in sorted(target.get("pec_chunks", {}).items())]
         while queue or pending:
             while queue and len(pending) < params.parallel_chunks:
-                chunk = queue.pop(0)
+                task_, chunk, token = queue.pop(0)
                 pending.append(
-                    retry_chunk.submit(
-                        params,
-                        chunk,
-                        target["campaign_key"],
-                        target["template_hash"],
-                        chunks[chunk],
+                    task_.submit(
+                        params, chunk, target["campaign_key"], target["template_hash"], token
                     )
                 )
             finished, not_done = wait(pending, timeout=1.0)

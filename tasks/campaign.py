@@ -172,6 +172,7 @@ def find_due_retries(campaign: str | None = None) -> dict[str, Any]:
                 "campaign_key": t.campaign_key,
                 "template_hash": t.template_hash,
                 "chunks": t.chunks,
+                "pec_chunks": t.pec_chunks,
             }
             for t in targets
         ],

@@ -216,3 +216,39 @@ def check_pec_credentials(block_names: list[str], within_days: int = 14) -> list
         }
         for w in warnings
     ]
+
+
+def pec_retry_cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Like ``pec_chunk_cache_key``, plus the flow run (see ``tasks.campaign.retry_cache_key``)."""
+    return f"{pec_chunk_cache_key(ctx, parameters)}:retry:{ctx.task_run.flow_run_id}"
+
+
+@task(
+    name="retry-pec-chunk",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=transient_only,
+    cache_key_fn=pec_retry_cache_key,
+    persist_result=True,
+    task_run_name="retry-{params.name}-pec-chunk-{chunk}",
+)
+def retry_pec_chunk(
+    params: core.CampaignParams,
+    chunk: int,
+    campaign_key: str,
+    template_hash: str,
+    work_token: str,
+) -> dict[str, Any]:
+    """Submit the due deferred PEC rows of one chunk again, through the PEC path and the
+    mailboxes' shared limits; no other row of the chunk is ever taken."""
+    mailboxes = load_mailboxes(list(params.pec_mailbox_blocks))
+    permits, gate = shared_limits(mailboxes)
+    return core_deliver_pec_chunk(
+        params,
+        chunk,
+        Settings.load(),
+        mailboxes=mailboxes,
+        permits=permits,
+        connection_gate=gate,
+        only_deferred=True,
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recapito.campaign import CampaignParams, prepare
+from recapito.campaign import CampaignParams, campaign_dir, prepare
 from recapito.config import Settings
 from recapito.ledger import Ledger
 from recapito.pec.campaign import deliver_pec_chunk, explain
@@ -581,3 +581,223 @@ def test_campaign_flow_sends_pec_rows_through_the_pec_task(
     from recapito.report import funnel_markdown
 
     assert "## Recipients by rule" in funnel_markdown(report)
+
+
+# ---- contacts with a PEC address and no e-mail; retry of deferred PEC rows; tracking ------
+
+NO_EMAIL_RULES = (
+    "[[channel]]\nname = 'legal-pec'\nwhen = 'classe = \"legal\"'\nchannel = 'pec'\n"
+    "[[channel]]\nname = 'rest'\nchannel = 'email'\n"
+)
+
+
+def _no_email_contacts(path: Path) -> Path:
+    lines = [
+        "id;nome;email;pec;classe;consenso_email",
+        "N1;Anna;;anna@pec.postaveloce.test;legal;sì",  # PEC, no e-mail at all
+        "N2;Bruno;bruno-at-mail.test;bruno@legalmail-esempio.test;legal;sì",  # bad e-mail
+        "N3;Carla;;;legal;sì",  # legal without PEC: e-mail, but there is none
+        "N4;Dario;dario mail@mailitalia.test;;news;sì",  # e-mail with a bad address
+        "N5;Elena;elena@mailitalia.test;;news;sì",
+    ]
+    lines = [f"{line};retail;Roma;RM" for line in lines]
+    lines[0] = lines[0].replace("retail;Roma;RM", "segmento;citta;provincia")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_pec_contacts_without_email_are_kept_when_rules_route_to_pec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a rules file that can choose PEC, a contact needs no valid e-mail address; a
+    contact a rule sends to e-mail still does, and is rejected with the address's reason and
+    the rule that chose e-mail."""
+    monkeypatch.setenv("RECAPITO_HOME", str(tmp_path / "var"))
+    for key in ("RECAPITO_DB_URL", "RECAPITO_PEC_MAILBOXES_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    settings = Settings.load()
+    contacts = _no_email_contacts(tmp_path / "c.csv")
+    rules = tmp_path / "rules.toml"
+    rules.write_text(NO_EMAIL_RULES, encoding="utf-8")
+    base = {"contacts": str(contacts), "template": str(DEMO_TEMPLATE), "sender": "x@banca.test"}
+    prepared = prepare(CampaignParams(name="no-email", rules=str(rules), **base), settings)
+    counts = prepared.counts
+    assert counts["targeted"] == 3 and counts["rejected"] == 2
+    assert counts["contacts"] == counts["filtered_out"] + counts["rejected"] + counts["targeted"]
+    assert counts["rejected_empty"] == 1 and counts["rejected_whitespace"] == 1
+    ledger = Ledger(settings.db_url)
+    try:
+        campaign = ledger.get_campaign("no-email")
+        assert campaign is not None
+        rows = {r["contact_id"]: r for r in ledger.deliveries_of(campaign.id)}
+    finally:
+        ledger.close()
+    assert {c: (r["channel"], r["address"]) for c, r in rows.items()} == {
+        "N1": ("pec", "anna@pec.postaveloce.test"),
+        "N2": ("pec", "bruno@legalmail-esempio.test"),
+        "N5": ("email", "elena@mailitalia.test"),
+    }
+    rejected = pl.read_csv(campaign_dir(settings, "no-email") / "rejected.csv")
+    got = {r["contact_id"]: r for r in rejected.to_dicts()}
+    assert set(got) == {"N3", "N4"}
+    assert got["N3"]["reason"] == "empty" and got["N4"]["reason"] == "whitespace"
+    assert all("channel e-mail (rule default)" in str(r["detail"]) for r in got.values())
+    assert [got["N3"]["line"], got["N4"]["line"]] == [4, 5]
+    # without rules nobody can go by PEC: every contact without a valid e-mail is rejected
+    plain = prepare(CampaignParams(name="no-email-plain", **base), settings)
+    assert plain.counts["targeted"] == 1 and plain.counts["rejected"] == 4
+
+
+def test_pec_messages_tracked_by_the_same_tracking_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PEC message's HTML gets the open pixel and tracked links of the campaign's tracker;
+    the tracking service records the open and the click against the PEC delivery."""
+    import email
+    from email.policy import default as default_policy
+
+    import httpx
+
+    from recapito.ledger import Outcome, State
+    from recapito.pec.campaign import pec_renderer
+    from recapito.render.template import load_template
+    from recapito.report import campaign_report
+    from recapito.tracking import tracker_for
+    from recapito.tracking.service import TrackingApp, running
+    from recapito.tracking.store import TrackingStore
+    from recapito.tracking.tokens import TokenSigner, tracking_keyring
+
+    monkeypatch.setenv("RECAPITO_HOME", str(tmp_path / "var"))
+    for key in ("RECAPITO_DB_URL", "RECAPITO_PEC_MAILBOXES_FILE", "RECAPITO_TRACKING_URL"):
+        monkeypatch.delenv(key, raising=False)
+    rules = tmp_path / "rules.toml"
+    rules.write_text(NO_EMAIL_RULES, encoding="utf-8")
+    params = CampaignParams(
+        name="pec-tracked",
+        contacts=str(_no_email_contacts(tmp_path / "c.csv")),
+        template=str(DEMO_TEMPLATE),
+        sender="x@banca.test",
+        rules=str(rules),
+    )
+    settings = Settings.load()
+    prepare(params, settings)
+    ledger = Ledger(settings.db_url)
+    app = TrackingApp(
+        TrackingStore(ledger), TokenSigner(tracking_keyring(settings)), scanner_window=0.0
+    )
+    try:
+        campaign = ledger.get_campaign("pec-tracked")
+        assert campaign is not None
+        claims = ledger.claim_chunk(campaign.id, 0, worker="test", channel="pec")
+        claim = next(c for c in claims if c.contact_id == "N1")
+        with running(app) as service:
+            monkeypatch.setenv("RECAPITO_TRACKING_URL", service.url)
+            tracked = Settings.load()
+            audience = pl.read_parquet(campaign_dir(settings, "pec-tracked") / "audience.parquet")
+            box = PecMailbox("veloce", "campagne@pec.postaveloce.test", "smtps.x", "u", "p")
+            render = pec_renderer(
+                load_template(params.template),
+                audience,
+                params,
+                tracker_for(tracked, params.sender),
+            )
+            message = email.message_from_bytes(render(claim, box).data, policy=default_policy)
+            for other in claims:
+                ledger.record(other, Outcome(State.ACCEPTED, reply_code=250))
+            assert message["From"].addresses[0].addr_spec == box.address
+            assert message["X-TipoRicevuta"] == "breve"
+            assert service.url in str(message["List-Unsubscribe"])
+            html = next(
+                str(p.get_content()) for p in message.walk() if p.get_content_type() == "text/html"
+            )
+            import re
+
+            pixel = re.search(rf'{re.escape(service.url)}/o/[^"\s]+', html)
+            click = re.search(rf'{re.escape(service.url)}/c/[^"\s]+', html)
+            assert pixel is not None and click is not None, html[:2000]
+            agent = "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Thunderbird/128.3"
+            with httpx.Client(follow_redirects=False, trust_env=False, timeout=10) as client:
+                assert client.get(pixel.group(0), headers={"User-Agent": agent}).status_code == 200
+                answer = client.get(
+                    click.group(0).replace("&amp;", "&"), headers={"User-Agent": agent}
+                )
+                assert answer.status_code == 302
+        engagement = campaign_report(ledger, "pec-tracked")["engagement"]
+        assert engagement["opens"]["human"] == 1 and engagement["clicks"]["human"] == 1
+        # tracking off for the campaign: the same PEC message, its links untouched
+        off = pec_renderer(
+            load_template(params.template),
+            audience,
+            params.model_copy(update={"tracking": False}),
+            tracker_for(tracked, params.sender),
+        )(claim, box)
+        assert f"{service.url}/o/".encode() not in off.data
+    finally:
+        ledger.close()
+
+
+@pytest.mark.prefect
+def test_retry_deferred_flow_resubmits_deferred_pec_rows_once(
+    prefect_harness: None, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEC rows deferred by one mailbox (its credentials refused) go out with the
+    retry-deferred flow through the PEC path; rows already submitted are never sent again."""
+    if sandbox.pec_ports == {}:
+        pytest.skip("the sandbox runs no PEC provider (no dovecot)")
+    import dataclasses
+    from datetime import timedelta
+
+    from flows.retry_deferred import retry_deferred_flow
+
+    monkeypatch.setenv("RECAPITO_HOME", str(tmp_path))
+    for key, value in sandbox.env().items():
+        monkeypatch.setenv(key, value)
+    settings = Settings.load()
+    targets = [f"riprova{i}@pec.postaveloce.test" for i in range(6)]
+    params = CampaignParams(
+        name="pec-retry",
+        contacts=str(_contacts(tmp_path / "c.csv", targets)),
+        template=str(DEMO_TEMPLATE),
+        sender="legale@banca-esempio.test",
+        rules=str(
+            _rules(tmp_path / "rules.toml", {"campagne-postaveloce": 1, "notifiche-legalmail": 1})
+        ),
+    )
+    prepare(params, settings)
+    boxes = load_mailboxes_file(sandbox.pec_mailboxes_file)
+    boxes["notifiche-legalmail"] = dataclasses.replace(
+        boxes["notifiche-legalmail"], password="wrong-password"
+    )
+    options = PecOptions(helo_name="test.local", retry_after=timedelta(0), max_wait=5)
+    started = time.time()
+    first = deliver_pec_chunk(params, 0, settings, mailboxes=boxes, options=options)
+    assert first["outcomes"] == {"accepted": 3, "deferred": 3}
+    assert first["reasons"] == {"pec_auth_failed": 3}
+    ledger = Ledger(settings.db_url)
+    try:
+        campaign = ledger.get_campaign("pec-retry")
+        assert campaign is not None
+        ledger.update_campaign(campaign.id, status="waiting_retry")  # as the campaign run ends
+    finally:
+        ledger.close()
+
+    result = retry_deferred_flow(campaign="pec-retry")
+    assert result["campaigns"]["pec-retry"]["claimed"] == 3
+    assert result["campaigns"]["pec-retry"].get("accepted") == 3
+    assert result["statuses"] == {"pec-retry": "completed"}
+    ledger = Ledger(settings.db_url)
+    try:
+        rows = ledger.deliveries_of(campaign.id)
+    finally:
+        ledger.close()
+    assert {r["state"] for r in rows} == {"accepted"}
+    assert {r["pec_mailbox"] for r in rows} == {"campagne-postaveloce", "notifiche-legalmail"}
+    # every delivery submitted exactly once (the provider's journal), never again
+    submitted = [
+        e["msgid"]
+        for e in read_journal(sandbox.pec_journal)
+        if e.get("event") == "accepted" and e["t"] >= started
+    ]
+    ours = [m for m in submitted if ".pec-retry." in m or "pec-retry" in m]
+    assert sorted(ours) == sorted(str(r["message_id"]) for r in rows)
+    assert retry_deferred_flow(campaign="pec-retry")["campaigns"] == {}

@@ -569,6 +569,7 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
         "RECAPITO_DANE_RESOLVER",
         "RECAPITO_DKIM_KEYS",
         "RECAPITO_PEC_MAILBOXES_FILE",
+        "RECAPITO_PEC_CA_FILE",
         *bounce_imap,
     }
     if sandbox.imap_ports is not None:
@@ -576,6 +577,7 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
         assert sandbox.settings_path.stat().st_mode & 0o077 == 0  # it holds a password
         # the PEC providers run with the IMAP server; their mailboxes file holds passwords
         assert env["RECAPITO_PEC_MAILBOXES_FILE"] == str(sandbox.pec_mailboxes_file)
+        assert env["RECAPITO_PEC_CA_FILE"] == str(sandbox.ca_file)  # receipt signatures
         assert sandbox.pec_mailboxes_file.stat().st_mode & 0o077 == 0
         assert set(sandbox.pec_ports) == {"postaveloce", "legalmail"}
     assert json.loads(sandbox.settings_path.read_text()) == env

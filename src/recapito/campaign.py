@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,7 @@ from pydantic import AwareDatetime, BaseModel, Field, field_validator, model_val
 
 from recapito.config import Settings
 from recapito.contacts.sources import ContactSource, load
-from recapito.contacts.targeting import target
+from recapito.contacts.targeting import Targeted, target
 from recapito.delivery.engine import DeliveryOptions, DeliveryRun, DeliveryStats, Permits
 from recapito.delivery.pacing import Limit, Pacer, PacingOptions
 from recapito.errors import InputError
@@ -473,14 +473,20 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
         else:
             loaded = load(_source(params))
             # given the whole Loaded, target() also counts the unreadable rows as rejections
-            targeted = target(loaded, params.mapping, params.filter, ledger.suppressed_among)
+            targeted = target(
+                loaded,
+                params.mapping,
+                params.filter,
+                ledger.suppressed_among,
+                require_email=not _routes_to_pec(params),  # PEC contacts need no e-mail
+            )
             size = chunk_size_for(targeted.audience.height, params.chunk_size)
             # _chunk, and with a sending mode the _slot of each row (chunks never span slots)
             audience = assign_slots(targeted.audience, params, size, utcnow(), ledger)
             _check_class_column(params, audience.columns)
             template.check_variables(audience.columns)
             _sample_render(template, audience, params)
-            audience = _classify(params, settings, audience, out)
+            audience = _classify(params, settings, audience, out, targeted)
             # template lint: errors (clipped size, javascript: links...) stop the campaign
             lint_before_sending(
                 template, audience, sender=params.sender, campaign=params.name, log_warnings=True
@@ -521,19 +527,36 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
     )
 
 
+def _routes_to_pec(params: CampaignParams) -> bool:
+    """The campaign's rules may send someone by PEC (contacts then need no e-mail)."""
+    if not params.rules:
+        return False
+    from recapito.pec.rules import load_rules
+
+    return load_rules(params.rules).routes_to_pec
+
+
 def _classify(
-    params: CampaignParams, settings: Settings, audience: pl.DataFrame, out: Path
+    params: CampaignParams,
+    settings: Settings,
+    audience: pl.DataFrame,
+    out: Path,
+    targeted: Targeted,
 ) -> pl.DataFrame:
     """Channel and PEC mailbox per recipient from the campaign's rules file (a copy of
-    the file is kept beside the audience snapshot, for ``recapito rules explain``)."""
+    the file is kept beside the audience snapshot, for ``recapito rules explain``).
+    Recipients a rule sends to e-mail without a valid e-mail address become rejections
+    of ``targeted``."""
     if not params.rules:
         return audience
     from recapito.pec.mailboxes import configured_mailboxes
-    from recapito.pec.rules import classify, load_rules
+    from recapito.pec.rules import classify, load_rules, without_email_address
 
     rules = load_rules(params.rules)
     names = list(params.pec_mailbox_blocks) or list(configured_mailboxes(settings.home))
     decided = classify(audience, rules, sender=params.sender, mailboxes=names)
+    decided, unsendable = without_email_address(decided)
+    targeted.reject(unsendable)
     out.mkdir(parents=True, exist_ok=True)
     suffix = Path(params.rules).suffix.lower() or ".toml"
     (out / f"rules{suffix}").write_bytes(Path(params.rules).read_bytes())
@@ -708,7 +731,11 @@ def due_retries(
         campaign = ledger.get_campaign(params.name)
         if campaign is None:
             raise InputError(f"campaign {params.name!r} is not prepared")
-        chunks, latest = ledger.due_deferred(campaign.id, timedelta(seconds=within_seconds))
+        # e-mail only: a PEC chunk task waits for its own traffic-limit deferrals, and PEC
+        # rows deferred longer are left to the retry-deferred flow's PEC path
+        chunks, latest = ledger.due_deferred(
+            campaign.id, timedelta(seconds=within_seconds), channel="email"
+        )
     finally:
         ledger.close()
     wait = 0.0
@@ -723,13 +750,14 @@ def due_retries(
 @dataclass(frozen=True)
 class RetryTarget:
     """One campaign with deferred mail due now: its parameters as it was created with,
-    and its chunks holding such mail (chunk -> token of those rows)."""
+    and its chunks holding such mail (chunk -> token of those rows), e-mail and PEC apart."""
 
     name: str
     params: CampaignParams
     campaign_key: str
     template_hash: str
     chunks: dict[int, str]
+    pec_chunks: dict[int, str] = field(default_factory=dict)
 
 
 def due_retry_targets(
@@ -753,8 +781,9 @@ def due_retry_targets(
                 raise InputError(f"no campaign named {campaign!r} in the ledger")
             found = [one]
         for camp in found:
-            chunks, _latest = ledger.due_deferred(camp.id, timedelta(0))
-            if not chunks:
+            chunks, _latest = ledger.due_deferred(camp.id, timedelta(0), channel="email")
+            pec_chunks, _latest = ledger.due_deferred(camp.id, timedelta(0), channel="pec")
+            if not chunks and not pec_chunks:
                 continue
             try:
                 params = CampaignParams.model_validate(camp.params)
@@ -772,6 +801,7 @@ def due_retry_targets(
                     campaign_key=f"{camp.id}@{camp.created_at.isoformat()}",
                     template_hash=camp.template_hash,
                     chunks=chunks,
+                    pec_chunks=pec_chunks,
                 )
             )
     finally:

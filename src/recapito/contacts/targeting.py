@@ -95,6 +95,21 @@ class Targeted:
     counts: dict[str, int]
     mapping: ColumnMapping
 
+    def reject(self, rows: pl.DataFrame) -> None:
+        """Rows of the audience found unsendable after targeting (e.g. a channel rule sent
+        them to e-mail and their e-mail address is invalid): ``rows`` (line, contact_id,
+        address, reason, detail) join the rejections and leave the targeted count."""
+        if rows.height == 0:
+            return
+        self.rejected = pl.concat(
+            [self.rejected.cast(REJECTED_SCHEMA), rows.cast(REJECTED_SCHEMA)]
+        ).sort("line", maintain_order=True, nulls_last=True)
+        self.counts["rejected"] += rows.height
+        self.counts["targeted"] -= rows.height
+        for reason, n in rows.group_by("reason").len().iter_rows():
+            key = f"rejected_{reason}"
+            self.counts[key] = self.counts.get(key, 0) + int(n)
+
 
 def _text(frame: pl.DataFrame, column: str | None) -> pl.Expr:
     """A mapped column as trimmed text, null when blank or unmapped."""

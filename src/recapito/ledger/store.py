@@ -790,9 +790,10 @@ class Ledger:
         return released
 
     def due_deferred(
-        self, campaign_id: int, within: timedelta
+        self, campaign_id: int, within: timedelta, channel: str | None = None
     ) -> tuple[dict[int, str], datetime | None]:
-        """Chunks with deferred rows due before now + ``within``, and the latest such due time.
+        """Chunks with deferred rows due before now + ``within``, and the latest such due time
+        (with ``channel``, only that channel's rows: e-mail and PEC are retried apart).
 
         Each chunk comes with a token that changes whenever its deferred rows change (one
         more attempt, one fewer row), so a retry of the same rows is recognisable and a
@@ -814,6 +815,7 @@ class Ledger:
                         deliveries.c.campaign_id == campaign_id,
                         deliveries.c.state == State.DEFERRED.value,
                         deliveries.c.next_attempt_at <= horizon,
+                        sa.true() if channel is None else deliveries.c.channel == channel,
                     )
                 )
                 .group_by(deliveries.c.chunk)

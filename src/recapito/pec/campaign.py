@@ -27,28 +27,48 @@ from recapito.render.template import (
     load_template,
     message_id_for,
 )
+from recapito.tracking import Tracker, contact_allows_tracking, tracker_for
 
 _RULE_COLUMNS = ("_channel", "_rule", "_address", "_domain", "_mailbox", "_mailbox_rule", "_chunk")
 
 
-def pec_renderer(template: CompiledTemplate, audience: pl.DataFrame, params: CampaignParams) -> Any:
+def pec_renderer(
+    template: CompiledTemplate,
+    audience: pl.DataFrame,
+    params: CampaignParams,
+    tracker: Tracker | None = None,
+) -> Any:
     """Renders one PEC message: From = the mailbox, one recipient, the receipt kind asked
-    for, and a Message-ID naming the delivery (on the mailbox's domain)."""
+    for, and a Message-ID naming the delivery (on the mailbox's domain). With ``tracker``
+    (the campaign's, as for e-mail) the HTML gets tracked links and the open pixel of the
+    same tracking service, unless tracking is off for the campaign or the contact, and
+    ``{{ unsubscribe_url }}`` / ``List-Unsubscribe`` name the delivery as they do for
+    e-mail. (Opens read low on PEC: the message sits inside the provider's envelope.)"""
     drop = [c for c in _RULE_COLUMNS if c in audience.columns]
     rows = {str(r["contact_id"]): r for r in audience.drop(drop).to_dicts()}
 
     def render(claim: Claim, mailbox: PecMailbox) -> RenderedMessage:
         context = rows.get(claim.contact_id, {})
+        values = {**context, "campaign": params.name}
+        headers = {
+            "X-Recapito-Campaign": params.name,
+            "X-Recapito-Delivery": str(claim.delivery_id),
+            "X-TipoRicevuta": mailbox.receipt_kind,
+        }
+        transform = None
+        if tracker is not None:
+            headers.update(tracker.headers(claim.delivery_id))
+            values["unsubscribe_url"] = tracker.body_link(claim.delivery_id)
+            transform = tracker.transform(
+                claim.delivery_id, params.tracking and contact_allows_tracking(context)
+            )
         return template.render(
-            {**context, "campaign": params.name},
+            values,
             sender=mailbox.address,
             recipient=claim.address,
             message_id=message_id_for(params.name, claim.delivery_id, mailbox.domain),
-            headers={
-                "X-Recapito-Campaign": params.name,
-                "X-Recapito-Delivery": str(claim.delivery_id),
-                "X-TipoRicevuta": mailbox.receipt_kind,
-            },
+            headers=headers,
+            transform=transform,
         )
 
     return render
@@ -72,9 +92,14 @@ def deliver_pec_chunk(
     permits: MailboxPermits | None = None,
     connection_gate: ConnectionGate | None = None,
     options: PecOptions | None = None,
+    only_deferred: bool = False,
 ) -> dict[str, Any]:
     """Claim the PEC rows of one chunk and submit them; rows a provider asked to slow down
-    for are taken again within ``params.pec_max_wait_seconds``, then left deferred."""
+    for are taken again within ``params.pec_max_wait_seconds``, then left deferred.
+
+    With ``only_deferred`` just the chunk's deferred PEC rows that are due are taken (the
+    retry-deferred flow): planned, submitted, uncertain rows and those with receipts are
+    never taken, so nothing is submitted twice."""
     boxes = resolve_mailboxes(settings, mailboxes)
     opts = options or PecOptions(
         helo_name=settings.helo_name, max_wait=float(params.pec_max_wait_seconds)
@@ -90,8 +115,7 @@ def deliver_pec_chunk(
             raise InputError(f"campaign {params.name!r} is not prepared")
         path = campaign_dir(settings, params.name) / "audience.parquet"
         audience = pl.scan_parquet(path).filter(pl.col("_chunk") == chunk).collect()
-        render = pec_renderer(template, audience, params)
-        only_deferred = False
+        render = pec_renderer(template, audience, params, tracker_for(settings, params.sender))
         while True:
             claims = ledger.claim_chunk(
                 campaign.id,

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from recapito.collect.mailbox import Disposition, InboundMessage, MailboxSettings, poll
-from recapito.config import Settings
+from recapito.config import Settings, home_dir, sandbox_settings_path
 from recapito.errors import ConfigError, TransientError
 from recapito.ledger import Ledger, State
 from recapito.ledger.schema import campaigns, deliveries, events, inbound_messages, pec_receipts
@@ -390,10 +390,15 @@ def keep_evidence(root: Path, digest: str, raw: bytes) -> Path:
 # -- settings and one collector run -------------------------------------------------------------
 
 
-def trust_store(env: Mapping[str, str] | None = None) -> smime.TrustStore | None:
-    """The trust anchors of ``RECAPITO_PEC_CA_FILE`` (None when not set)."""
+def trust_store(
+    env: Mapping[str, str] | None = None, home: Path | None = None
+) -> smime.TrustStore | None:
+    """The trust anchors of ``RECAPITO_PEC_CA_FILE``: the environment first, then the
+    sandbox's ``settings.json`` (None when neither sets it)."""
     environ = os.environ if env is None else env
     value = environ.get(CA_SETTING)
+    if not value:
+        value = _sandbox_setting(home or home_dir(), CA_SETTING)
     if not value:
         return None
     path = Path(value)
@@ -401,6 +406,15 @@ def trust_store(env: Mapping[str, str] | None = None) -> smime.TrustStore | None
         return smime.TrustStore.from_pem_file(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{CA_SETTING}={value}: {exc}") from None
+
+
+def _sandbox_setting(home: Path, name: str) -> str | None:
+    try:
+        data = json.loads(sandbox_settings_path(home).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get(name) if isinstance(data, dict) else None
+    return str(value) if value else None
 
 
 def verify_enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -452,7 +466,7 @@ def collect_receipts(
     boxes = dict(mailboxes) if mailboxes is not None else receipt_mailboxes(settings.home, env)
     if only:
         boxes = {k: v for k, v in boxes.items() if k in set(only)}
-    anchors = trust if trust is not None else trust_store(env)
+    anchors = trust if trust is not None else trust_store(env, settings.home)
     verify = verify_enabled(env)
     ledger = Ledger(settings.db_url)
     results: dict[str, Any] = {}

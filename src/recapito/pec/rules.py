@@ -124,6 +124,11 @@ class RuleSet:
     def mailbox_names(self) -> set[str]:
         return {name for rule in self.mailbox_rules for name in rule.mailboxes}
 
+    @property
+    def routes_to_pec(self) -> bool:
+        """Some recipient may go by PEC: then a contact needs no valid e-mail address."""
+        return self.default_channel == "pec" or any(r.channel == "pec" for r in self.channel_rules)
+
     def channel_rule(self, name: str) -> ChannelRule | None:
         return next((r for r in self.channel_rules if r.name == name), None)
 
@@ -428,6 +433,35 @@ def classify(
         pl.Series("_mailbox", mailbox, pl.String),
         pl.Series("_mailbox_rule", mailbox_rule, pl.String),
     ).drop(helpers)
+
+
+def without_email_address(decided: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split a classified audience (targeted with ``require_email=False``): the rows a rule
+    sent to e-mail whose e-mail address is missing or invalid cannot be sent and are
+    rejections (reason: the address's, e.g. ``empty`` or ``missing_at``; detail: the rule
+    that chose e-mail). Returns (the audience kept, those rows as line / contact_id /
+    address / reason / detail)."""
+    stuck = (pl.col("_channel") == "email") & pl.col("_address").is_null()
+    reason = (
+        pl.col("email_error").fill_null("empty")
+        if "email_error" in decided.columns
+        else pl.lit("empty")
+    )
+    rejected = decided.filter(stuck).select(
+        pl.col("_line").cast(pl.Int64).alias("line")
+        if "_line" in decided.columns
+        else pl.lit(None, dtype=pl.Int64).alias("line"),
+        pl.col("contact_id").cast(pl.String),
+        pl.col("email").cast(pl.String).alias("address"),  # null: the invalid one is gone
+        reason.alias("reason"),
+        pl.format(
+            "channel e-mail (rule {}): no PEC rule applies and the e-mail address is "
+            "missing or invalid ({})",
+            pl.col("_rule"),
+            reason,
+        ).alias("detail"),
+    )
+    return decided.filter(~stuck), rejected
 
 
 def _assign_mailboxes(

@@ -472,6 +472,8 @@ class Sandbox:
             )
         if self._pec_ports:
             settings["RECAPITO_PEC_MAILBOXES_FILE"] = str(self.pec_mailboxes_file)
+            # the providers sign their receipts with certificates of the sandbox CA
+            settings["RECAPITO_PEC_CA_FILE"] = str(self.ca_file)
         return settings
 
     def messages(self) -> list[StoredMessage]:
