@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import numpy.typing as npt
@@ -112,17 +112,32 @@ def _smooth(x: FloatArray, model: BestTimeModel) -> FloatArray:
     return out
 
 
+_QUARTER_US = 15 * 60 * 1_000_000
+
+
 def _local_hours_of_week(sent_at: pl.Series, zones: pl.Series) -> IntArray:
-    """Local hour of the week (Monday 00 = 0) of UTC instants, each in its row's zone."""
+    """Local hour of the week (Monday 00 = 0) of UTC instants, each in its row's zone.
+
+    Every zone offset in use is a multiple of 15 minutes, so the local hour of an instant is
+    that of its UTC quarter-hour: each zone converts the (few thousand) quarter-hours the
+    history spans once, and the rows look theirs up."""
     how = np.zeros(len(sent_at), dtype=np.int64)
     if not len(sent_at):
         return how
+    micros = sent_at.dt.replace_time_zone(None).dt.cast_time_unit("us").to_physical().to_numpy()
+    quarter = micros // _QUARTER_US
+    first, last = int(quarter.min()), int(quarter.max())
+    span = pl.Series(
+        "q", np.arange(first, last + 1, dtype=np.int64) * _QUARTER_US, dtype=pl.Int64
+    ).cast(pl.Datetime("us", "UTC"))
     zone_of = zones.to_numpy()
     for zone in zones.unique().to_list():
+        local = span.dt.convert_time_zone(str(zone))
+        table = (
+            local.dt.weekday().to_numpy().astype(np.int64) - 1
+        ) * 24 + local.dt.hour().to_numpy()
         rows = np.flatnonzero(zone_of == zone)
-        local = sent_at.gather(rows).dt.convert_time_zone(str(zone))
-        weekday = local.dt.weekday().to_numpy().astype(np.int64) - 1
-        how[rows] = weekday * 24 + local.dt.hour().to_numpy().astype(np.int64)
+        how[rows] = table[quarter[rows] - first]
     return how
 
 
@@ -238,10 +253,10 @@ def _explore_draws(contact_ids: pl.Series, campaign: str) -> tuple[FloatArray, F
 
 def plan_best_times(
     audience: pl.DataFrame,
-    history: EngagementHistory | Ledger,
+    history: EngagementHistory | Ledger | None,
     window: SendWindow,
     *,
-    campaign: str,
+    campaign: str | None = None,
     now: datetime,
     explore: float = 0.1,
     model: BestTimeModel | None = None,
@@ -258,7 +273,9 @@ def plan_best_times(
         raise InputError("now must be timezone-aware")
     if not 0.0 <= explore <= 1.0:
         raise InputError("explore must be between 0 and 1")
-    if isinstance(history, Ledger):
+    if history is None:  # no ledger: nothing learnt, everybody at the fallback time
+        history = EngagementHistory.empty()
+    elif isinstance(history, Ledger):
         history = EngagementHistory.from_ledger(history, since=now - model.lookback)
     labelled = history.labelled(model.response_window).filter(
         pl.col("sent_at").is_between(now - model.lookback, now, closed="left")
@@ -283,7 +300,8 @@ def plan_best_times(
         reason[:] = "prior"
         _contact_choices(fit, model, allowed, bonus, seg_of, choice, score, reason)
 
-    draw_u, draw_v = _explore_draws(fit.unique.get_column("contact_id"), campaign)
+    seed = campaign if campaign is not None else now.astimezone(UTC).isoformat()
+    draw_u, draw_v = _explore_draws(fit.unique.get_column("contact_id"), seed)
     explored = draw_u < explore
     picks = allowed_idx[
         np.minimum((draw_v * allowed_idx.size).astype(np.int64), allowed_idx.size - 1)
@@ -389,10 +407,10 @@ def _kernel(model: BestTimeModel) -> list[tuple[int, float]]:
 
 def best_times(
     audience: pl.DataFrame,
-    history: EngagementHistory | Ledger,
+    history: EngagementHistory | Ledger | None,
     window: SendWindow,
     *,
-    campaign: str,
+    campaign: str | None = None,
     now: datetime,
     explore: float = 0.1,
     model: BestTimeModel | None = None,
@@ -400,7 +418,12 @@ def best_times(
 ) -> pl.Series:
     """When to send to each audience row (same order): UTC datetimes, the first allowed slot
     at or after ``now`` at each contact's chosen local hour of the week (see
-    ``plan_best_times`` for the reasons and scores)."""
+    ``plan_best_times`` for the reasons and scores).
+
+    ``history``: an ``EngagementHistory``, a ``Ledger`` to read it from (the last
+    ``model.lookback``), or None (no history: the fallback time). ``campaign`` seeds the
+    exploration draws (the campaign's name; when omitted, ``now``): the same campaign and
+    contact always get the same draw."""
     plan = plan_best_times(
         audience,
         history,
