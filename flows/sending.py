@@ -73,7 +73,7 @@ def approval_gate(params: CampaignParams, prepared: dict[str, Any]) -> bool:
             wait_for_input=form,
             timeout=int(params.approval_timeout_hours * 3600),
             poll_interval=APPROVAL_POLL_SECONDS,
-            key=f"approval-{prepared['campaign_key']}",
+            key=f"approval-{prepared['campaign_id']}",  # lowercase, digits, dashes only
         )
     except FlowPauseTimeout:
         record_approval(params.name, False, "no answer before the approval timeout")
