@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from recapito.ledger import Ledger
+from recapito.sandbox import imap as sandbox_imap
 from recapito.sandbox.maildir import read_maildirs
 
 pytestmark = pytest.mark.e2e
@@ -64,8 +65,9 @@ def test_demo_path_delivers_every_accepted_message_exactly_once(tmp_path: Path) 
     ledger = Ledger(f"sqlite:///{home / 'recapito.db'}", run_migrations=False)
     campaign = ledger.get_campaign("e2e")
     assert campaign is not None
-    rows = ledger.deliveries_of(campaign.id)
+    all_rows = ledger.deliveries_of(campaign.id)
     ledger.close()
+    rows = [r for r in all_rows if r["channel"] == "email"]
     states = Counter(r["state"] for r in rows)
     # every contact in a final state; the mailboxes that fail after accepting were
     # collected from the bounce mailbox by the collector
@@ -80,6 +82,27 @@ def test_demo_path_delivers_every_accepted_message_exactly_once(tmp_path: Path) 
     assert max(stored.values()) == 1
     message_ids = [r["message_id"] for r in rows if r["state"] == "accepted"]
     assert len(set(message_ids)) == len(message_ids)
+    # PEC (with Dovecot): legal notices to contacts with a PEC address went through the two
+    # sandbox providers; their signed receipts were collected and moved the rows on
+    pec_rows = [r for r in all_rows if r["channel"] == "pec"]
+    assert bool(pec_rows) == sandbox_imap.available()
+    if pec_rows:
+        pec_states = Counter(r["state"] for r in pec_rows)
+        assert set(pec_states) <= {"delivered", "delivery_error", "not_pec"}, pec_states
+        assert pec_states["delivered"] >= 0.7 * len(pec_rows), pec_states
+        assert {r["pec_mailbox"] for r in pec_rows} == {
+            "campagne-postaveloce",
+            "notifiche-legalmail",
+        }
+        line = re.search(
+            r"PEC: [\d,]+ recipients, ([\d,]+) submitted -> ([\d,]+) accepted -> "
+            r"([\d,]+) delivered, ([\d,]+) errors, ([\d,]+) not_pec, 0 pending; "
+            r"time to delivery median .*; receipt signatures valid [\d,]+\n",
+            output,
+        )
+        assert line is not None, output[-3000:]
+        assert int(line.group(3).replace(",", "")) == pec_states["delivered"]
+        assert "PEC receipt collector:" in output
     # nothing is left running
     assert not (home / "sandbox" / "state.json").exists()
 

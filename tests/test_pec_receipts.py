@@ -609,3 +609,86 @@ def _settings(tmp_path: Path) -> Any:
     return Settings.load(
         {"RECAPITO_HOME": str(tmp_path), "RECAPITO_DB_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
     )
+
+
+def test_cli_parse_every_fixture_and_the_sandbox_receipts(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``recapito pec parse --json`` over a folder: every fixture layout (Aruba, Poste, Sogei;
+    sha1 and sha-256; ``X-TipoRicevuta`` spelled in either case) and receipts written by the
+    sandbox providers, verified against the sandbox CA named in its ``settings.json``."""
+    import datetime as dt
+
+    from recapito.sandbox import pec as sandbox_pec
+    from recapito.sandbox.certs import ensure_certificates
+
+    keys = {"file", "type", "msgid", "identificativo", "errore", "receipt_kind", "recipients"}
+    keys |= {"date", "signature"}
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca.public_bytes(serialization.Encoding.PEM))
+    folder = tmp_path / "fixtures"
+    folder.mkdir()
+    names = sorted(p.name for p in FIXTURES.glob("*.eml"))
+    for name in names:
+        raw = (FIXTURES / name).read_bytes()
+        signed = raw if name.startswith("plain") else _signed(pki, name)
+        (folder / name).write_bytes(signed)
+    result = CliRunner().invoke(main, ["pec", "parse", "--json", "--ca-file", str(ca), str(folder)])
+    assert result.exit_code == 0, result.output
+    lines = {Path(x["file"]).name: x for x in map(json.loads, result.output.splitlines())}
+    assert sorted(lines) == names
+    assert all(keys <= set(x) for x in lines.values())
+    assert {n for n, x in lines.items() if x["signature"] != "valid"} == {"plain-not-pec.eml"}
+    assert lines["sogei-avvenuta-consegna-sintetica.eml"]["receipt_kind"] == "sintetica"
+    assert lines["poste-avvenuta-consegna-breve.eml"]["receipt_kind"] == "breve"  # "Breve"
+    assert lines["aruba-avvenuta-consegna-completa.eml"]["receipt_kind"] == "completa"
+    assert all(x["date"] and x["date"][-6] in "+-" for x in lines.values())  # with its zone
+
+    # the sandbox providers' receipts, trusted through the sandbox's settings.json
+    home = tmp_path / "var"
+    sandbox = home / "sandbox"
+    ensure_certificates(sandbox, [])
+    provider = sandbox_pec.DEFAULT_PROVIDERS[0]
+    cert, key = sandbox_pec.ensure_signing_certificate(sandbox, provider)
+    signer = sandbox_pec.Signer(str(cert), str(key))
+    original = (
+        b"From: campagne@pec.postaveloce.test\r\nTo: anna@legalmail-esempio.test\r\n"
+        b"Subject: Avviso\r\nMessage-ID: <demo.7.0123456789abcdef@pec.postaveloce.test>\r\n"
+        b"X-TipoRicevuta: breve\r\n\r\nTesto\r\n"
+    )
+    sub = sandbox_pec.Submission(
+        provider=provider,
+        sender="campagne@pec.postaveloce.test",
+        recipients=(("anna@legalmail-esempio.test", "certificato"),),
+        subject="Avviso",
+        msgid="<demo.7.0123456789abcdef@pec.postaveloce.test>",
+        identificativo="opec0123.20250314103000@pec.postaveloce.test",
+        receipt_kind="breve",
+        original=original,
+        accepted_at=dt.datetime.now(dt.UTC),
+    )
+    made = tmp_path / "sandbox-receipts"
+    made.mkdir()
+    (made / "1.eml").write_bytes(sandbox_pec.build_receipt(sub, "accettazione", signer))
+    (made / "2.eml").write_bytes(
+        sandbox_pec.build_receipt(
+            sub, "avvenuta-consegna", signer, consegna="anna@legalmail-esempio.test"
+        )
+    )
+    (sandbox / "settings.json").write_text(
+        json.dumps({"RECAPITO_PEC_CA_FILE": str(sandbox / "ca.pem")})
+    )
+    monkeypatch.setenv("RECAPITO_HOME", str(home))
+    monkeypatch.delenv("RECAPITO_PEC_CA_FILE", raising=False)
+    result = CliRunner().invoke(main, ["pec", "parse", "--json", str(made)])
+    assert result.exit_code == 0, result.output
+    got = [json.loads(x) for x in result.output.splitlines()]
+    assert [(x["type"], x["signature"]) for x in got] == [
+        ("accettazione", "valid"),
+        ("avvenuta-consegna", "valid"),
+    ]
+    assert got[1]["msgid"] == sub.msgid and got[1]["receipt_kind"] == "breve"
+    assert got[1]["identificativo"] == sub.identificativo
+    assert got[1]["recipients"] == [
+        {"address": "anna@legalmail-esempio.test", "tipo": "certificato"}
+    ]

@@ -320,6 +320,11 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
     width = max(len(k) for k in f)
     for key, value in f.items():
         click.echo(f"  {key:<{width}}  {value:>9,}")
+    from recapito.pec.report import pec_line
+
+    pec = pec_line(report.get("pec"))
+    if pec is not None:
+        click.echo(f"  {pec}")
     if report["tls_versions"]:
         click.echo("  TLS: " + ", ".join(f"{k} {v:,}" for k, v in report["tls_versions"].items()))
     if report["levels"]:

@@ -26,6 +26,8 @@ from recapito.config import Settings, home_dir, sandbox_dir
 PREFECT_HOST = "127.0.0.1"
 PREFECT_PORT = 4200
 TEMPLATE_DIR = Path(__file__).parent / "sandbox" / "demo_template"
+RULES_FILE = Path(__file__).parent / "sandbox" / "demo_rules.toml"
+PEC_RECEIPTS_TIMEOUT = 90.0  # seconds to wait for the sandbox providers' receipts
 TRACKING_PORT = 8800
 DEMO_SCANNER_WINDOW = 2.0  # seconds: the simulated people act later than this
 
@@ -197,6 +199,92 @@ def bounce_line(report: dict[str, Any], collected: dict[str, Any]) -> str:
     )
 
 
+PEC_FAULT_EVERY = 12  # among the legal PEC contacts: one unknown mailbox, one not PEC
+
+
+def with_message_class(frame: Any) -> Any:
+    """A message class per demo contact (``classe``): ``legal`` for business customers
+    (their notices go by PEC when they have a PEC address, ``demo_rules.toml``), else
+    ``marketing``. A few legal PEC addresses are made to fail, so the demo shows every
+    outcome: a mailbox the provider does not know (an error receipt) and an address on an
+    ordinary e-mail domain (``esterno``: accepted, never a delivery receipt)."""
+    import polars as pl
+
+    legal = pl.col("segmento") == "business"
+    with_pec = legal & pl.col("pec").is_not_null()
+    rank = pl.when(with_pec).then(with_pec.cast(pl.Int32).cum_sum())
+    local, domain = (
+        pl.col("pec").str.splitn("@", 2).struct.field(f) for f in ("field_0", "field_1")
+    )
+    email_domain = pl.col("email").str.splitn("@", 2).struct.field("field_1")
+    unknown = rank % PEC_FAULT_EVERY == 5
+    esterno = (rank % PEC_FAULT_EVERY == 11) & email_domain.is_not_null()
+    return frame.with_columns(
+        pl.when(legal).then(pl.lit("legal")).otherwise(pl.lit("marketing")).alias("classe"),
+        pl.when(unknown)
+        .then(pl.concat_str([local, pl.lit(".inesistente@"), domain]))
+        .when(esterno)
+        .then(pl.concat_str([local, pl.lit("@"), email_domain]))
+        .otherwise(pl.col("pec"))
+        .alias("pec"),
+    )
+
+
+def pec_mailboxes_ready(home: Path) -> bool:
+    """The sandbox runs its PEC providers (they need Dovecot for the receipts)."""
+    from recapito.errors import ConfigError
+    from recapito.pec.mailboxes import configured_mailboxes
+
+    try:
+        return bool(configured_mailboxes(home))
+    except ConfigError:
+        return False
+
+
+def wait_for_pec_receipts(
+    home: Path, campaign: str, db_url: str, timeout: float = PEC_RECEIPTS_TIMEOUT
+) -> tuple[int, int]:
+    """Wait (at most ``timeout`` s) until the sandbox providers have written, for every
+    PEC message of the campaign, its acceptance and, for a recipient on a PEC domain, its
+    delivery or error receipt (their journal says so). Returns (written, expected)."""
+    from recapito.ledger import Ledger
+    from recapito.sandbox.pec import journal_path, pec_domains, read_journal
+
+    ledger = Ledger(db_url, run_migrations=False)
+    try:
+        found = ledger.get_campaign(campaign)
+        rows = [] if found is None else ledger.deliveries_of(found.id)
+    finally:
+        ledger.close()
+    submitted = {
+        str(r["message_id"]): str(r["address"]).rpartition("@")[2].lower()
+        for r in rows
+        if r["channel"] == "pec" and r["message_id"] and r["state"] != "failed"
+    }
+    certified = set(pec_domains())
+    expected = len(submitted) + sum(1 for d in submitted.values() if d in certified)
+    journal = journal_path(sandbox_dir(home))
+    deadline = time.monotonic() + timeout
+    written = 0
+    while True:
+        events = read_journal(journal) if journal.exists() else []
+        written = sum(
+            1 for e in events if e.get("event") == "receipt" and e.get("msgid") in submitted
+        )
+        if written >= expected or time.monotonic() >= deadline:
+            return written, expected
+        time.sleep(0.5)
+
+
+def collect_pec_receipts() -> dict[str, Any]:
+    """One run of the PEC receipt collector flow over the sandbox's PEC mailboxes."""
+    from flows.pec_receipts import pec_receipts_flow
+
+    _say("collecting PEC receipts from the sender mailboxes (IMAP, signatures checked)…")
+    result: dict[str, Any] = pec_receipts_flow()
+    return result
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "recapito.cli", *args], text=True, capture_output=True, check=False
@@ -253,8 +341,16 @@ def run_demo(
         demo_dir = home / "demo"
         demo_dir.mkdir(parents=True, exist_ok=True)
         contacts = demo_dir / f"contacts-{n_contacts}.csv"
-        write_csv(with_late_bounces(generate(n_contacts, seed=42)), contacts)
+        pec = pec_mailboxes_ready(home)
+        frame = with_message_class(with_late_bounces(generate(n_contacts, seed=42)))
+        write_csv(frame, contacts)
         _say(f"generated {n_contacts:,} demo contacts in {contacts}")
+        if pec:
+            # the PEC receipts are signed by the sandbox CA's provider certificates
+            os.environ.setdefault("RECAPITO_PEC_CA_FILE", str(sandbox_dir(home) / "ca.pem"))
+            _say(f"legal notices by PEC where there is a PEC address (rules: {RULES_FILE})")
+        else:
+            _say("no PEC providers in this sandbox (they need Dovecot): e-mail only")
 
         from recapito.campaign import CampaignParams, campaign_dir
         from recapito.cli import prefect_environment
@@ -272,6 +368,7 @@ def run_demo(
             retry_after_seconds=2,
             retry_within_run_seconds=60,
             tls_policy=tls_policy,
+            rules=str(RULES_FILE) if pec else None,
         )
         _say(f"running campaign {campaign_name!r}…")
         run_started = time.monotonic()
@@ -281,12 +378,20 @@ def run_demo(
         flow_run_id = state.state_details.flow_run_id
 
         from recapito.ledger import Ledger
+        from recapito.pec.report import pec_line
         from recapito.report import campaign_report, text_summary
         from recapito.sandbox.check import compare_with_maildirs
 
         # the sandbox MX servers wrote DSNs for the mailboxes that fail after accepting:
         # the collector reads them from the bounce mailbox, as its deployment would
         bounces = collect_bounces()
+        # the PEC providers write an acceptance at once and a delivery receipt shortly after:
+        # wait for them, then the collector reads them, as its deployment would
+        pec_receipts: dict[str, Any] | None = None
+        if pec:
+            written, expected = wait_for_pec_receipts(home, campaign_name, settings.db_url)
+            _say(f"{written:,} of {expected:,} expected PEC receipts are in the mailboxes")
+            pec_receipts = collect_pec_receipts()
 
         ledger = Ledger(settings.db_url, run_migrations=False)
         try:
@@ -306,6 +411,15 @@ def run_demo(
         print(tracking_line(report, readers, tracking.url))
         if bounces is not None:
             print(bounce_line(report, bounces))
+        pec_summary = pec_line(report.get("pec"))
+        if pec_summary is not None:
+            print(pec_summary)
+        if pec_receipts is not None:
+            print(
+                f"PEC receipt collector: {pec_receipts['seen']:,} messages in "
+                f"{len(pec_receipts['mailboxes'])} mailboxes, {pec_receipts['correlated']:,} "
+                f"receipts correlated, {pec_receipts['quarantined']:,} quarantined"
+            )
         if report["insecure_channel"]:
             print(
                 f"Secure Email ({report['tls_policy']}): insecure_channel "

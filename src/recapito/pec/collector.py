@@ -212,7 +212,8 @@ class ReceiptCollector:
         sent_at = _sent_at(conn, int(delivery["id"]))
         delay = None
         if sent_at is not None and receipt.date is not None:
-            delay = (receipt.date - sent_at).total_seconds()
+            # daticert times have whole seconds: a receipt in the second of the submission
+            delay = max(0.0, (receipt.date - sent_at).total_seconds())
         key = receipt_key(receipt, digest)
         inserted = conn.execute(
             _insert_ignore(conn, pec_receipts)

@@ -118,11 +118,37 @@ def _table(rows: Any) -> dict[str, dict[str, int]]:
 
 
 def _human(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def pec_line(pec: dict[str, Any] | None) -> str | None:
+    """One line for terminals (the demo, ``recapito campaign report``): the PEC funnel,
+    time to delivery and the receipts' signatures (None without PEC deliveries)."""
+    if not pec:
+        return None
+    f = pec["funnel"]
+    line = (
+        f"PEC: {f['pec_recipients']:,} recipients, {f['submitted']:,} submitted -> "
+        f"{f['accepted']:,} accepted -> {f['delivered']:,} delivered, "
+        f"{f['delivery_error'] + f['not_accepted'] + f['delivery_timeout']:,} errors, "
+        f"{f['not_pec']:,} not_pec, {f['pending']:,} pending"
+    )
+    t = pec["time_to_delivery"]
+    if t:
+        line += (
+            f"; time to delivery median {_human(t['median_s'])}, p90 {_human(t['p90_s'])}, "
+            f"max {_human(t['max_s'])}"
+        )
+    if pec["signatures"]:
+        sig = ", ".join(f"{k} {v:,}" for k, v in sorted(pec["signatures"].items()))
+        line += f"; receipt signatures {sig}"
+    return line
 
 
 KINDS = ("acceptance", "delivery", "delivery_error", "delivery_warning", "delivery_timeout")

@@ -19,7 +19,8 @@ def compare_with_maildirs(ledger: Ledger, campaign_name: str, maildir_root: Path
     campaign = ledger.get_campaign(campaign_name)
     if campaign is None:
         raise InputError(f"no campaign named {campaign_name!r} in the ledger")
-    rows = ledger.deliveries_of(campaign.id)
+    # e-mail rows only: PEC messages go to the PEC providers, which store receipts instead
+    rows = [r for r in ledger.deliveries_of(campaign.id) if r.get("channel", "email") == "email"]
     accepted = {str(r["id"]) for r in rows if r["state"] == "accepted"}
     not_accepted = {str(r["id"]) for r in rows if r["state"] != "accepted"}
     uncertain = {str(r["id"]) for r in rows if r["state"] == "uncertain"}
