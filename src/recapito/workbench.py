@@ -116,9 +116,7 @@ def history_from_tables(tables: Mapping[str, pl.DataFrame], channel: str = "emai
         .group_by("delivery_id")
         .agg(pl.col("at").min().alias("sent_at"))
     )
-    sends = d.select("contact_id", pl.col("id").alias("delivery_id")).join(
-        sent, on="delivery_id"
-    )
+    sends = d.select("contact_id", pl.col("id").alias("delivery_id")).join(sent, on="delivery_id")
     hits = tables["tracking_hits"].filter(pl.col("class") == "human")
     return EngagementHistory.from_frames(sends, hits.select("delivery_id", "at", "kind", "class"))
 
