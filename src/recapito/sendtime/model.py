@@ -321,6 +321,7 @@ def plan_best_times(
         .with_columns(zones.alias("timezone"))
         .join(per_contact, on="contact_id", how="left", maintain_order="left")
     )
+    rows = rows.with_columns(pl.col("hour_of_week").fill_null(-1))  # a null id: the fallback
     send_at = next_slots(rows.get_column("hour_of_week").to_numpy(), zones, window, now)
     return rows.drop("cidx").with_columns(send_at)
 
