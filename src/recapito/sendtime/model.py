@@ -237,18 +237,47 @@ def _level_strength(k: FloatArray, e: FloatArray, v: FloatArray) -> float:
     return float(np.clip(1.0 / max(tau2, 1e-3), 0.5, 200.0))
 
 
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """SplitMix64's finaliser: every input bit reaches every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def _explore_draws(contact_ids: pl.Series, campaign: str) -> tuple[FloatArray, FloatArray]:
-    """Two uniforms per contact from blake2b(campaign, contact id): the same on every run."""
-    salt = campaign.encode()
-    draws = np.frombuffer(
-        b"".join(
-            hashlib.blake2b(str(c).encode(), digest_size=8, key=salt[:64]).digest()
-            for c in contact_ids.to_list()
-        ),
-        dtype="<u4",
-    ).reshape(-1, 2)
-    scaled = draws.astype(np.float64) / 2.0**32
-    return scaled[:, 0], scaled[:, 1]
+    """Two uniforms per contact from a hash of (campaign, contact id): FNV-1a over the id's
+    UTF-8 bytes, seeded by blake2b(campaign), finalised by SplitMix64 — our own code, so
+    the same draws on every run, machine and library version."""
+    seed = np.frombuffer(hashlib.blake2b(campaign.encode(), digest_size=8).digest(), "<u8")[0]
+    binary = contact_ids.cast(pl.String).fill_null("").cast(pl.Binary).to_arrow()
+    if hasattr(binary, "combine_chunks"):
+        binary = binary.combine_chunks()
+    buffers = binary.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64)[
+        binary.offset : binary.offset + len(binary) + 1
+    ]
+    data = (
+        np.frombuffer(buffers[2], dtype=np.uint8)
+        if buffers[2] is not None
+        else np.zeros(1, np.uint8)
+    )
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(len(binary), _FNV_OFFSET ^ seed, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(int(lengths.max()) if lengths.size else 0):
+            live = lengths > j
+            byte = data[np.where(live, starts + j, 0)].astype(np.uint64)
+            h = np.where(live, (h ^ byte) * _FNV_PRIME, h)
+        first = _mix64(h)
+        second = _mix64(first ^ seed)
+    scale = 2.0**-53
+    return (first >> np.uint64(11)).astype(np.float64) * scale, (second >> np.uint64(11)).astype(
+        np.float64
+    ) * scale
 
 
 def plan_best_times(
