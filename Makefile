@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.11+ and make:
 #   make demo   creates .venv, installs, runs a real campaign on the local sandbox
 #   make test   creates .venv, installs, lints, type-checks and runs the test suite
+#   make serve  the operator's mode: Prefect server, sandbox, worker and every deployment
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ ARGS   ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test install lint typecheck pytest clean sandbox-up sandbox-down bench
+.PHONY: demo serve test install lint typecheck pytest clean sandbox-up sandbox-down bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/recapito demo $(ARGS)
+
+serve: install
+	$(BIN)/python -m recapito.serve $(ARGS)
 
 test: install lint typecheck pytest
 

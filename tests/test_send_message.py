@@ -86,3 +86,25 @@ def test_a_key_reused_for_another_message_is_refused(home: Path) -> None:
     assert message_params(settings, contact={"email": "a@postaveloce.test"}, **base) == params
     with pytest.raises(InputError, match="another message"):
         message_params(settings, contact={"email": "b@postaveloce.test"}, **base)
+
+
+def test_nightly_export_is_private_and_names_no_address(home: Path) -> None:
+    import polars as pl
+
+    from recapito.exports import export_campaigns, report_markdown
+    from recapito.ledger import PlannedDelivery
+
+    settings = Settings.load()
+    ledger = Ledger(settings.db_url)
+    camp = ledger.ensure_campaign("nightly", sender=SENDER, template_hash="h" * 64, params={})
+    row = PlannedDelivery("c1", "x.nightly@postaveloce.test", "postaveloce.test", 0)
+    ledger.plan(camp.id, [row])
+    ledger.close()
+    out, exported = export_campaigns(settings, days=None)
+    assert [e.campaign for e in exported] == ["nightly"] and exported[0].deliveries == 1
+    path = exported[0].path
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    frame = pl.read_parquet(path)
+    assert "address" not in frame.columns and frame["contact_id"].to_list() == ["c1"]
+    assert path.as_uri() in report_markdown(out, exported)
