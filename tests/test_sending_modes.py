@@ -298,3 +298,25 @@ def test_contact_time_zone_slots_group_chunks_by_opening(home: Path) -> None:
         assert window.allowed(row["_slot"], tz)
     per_chunk = audience.group_by("_chunk").agg(pl.col("_slot").n_unique().alias("n"))
     assert per_chunk["n"].max() == 1
+
+
+def test_best_time_campaign_uses_the_send_time_model(home: Path) -> None:
+    """With recapito.sendtime installed, best_time slots come from its model (no history
+    here: each contact's fallback time), inside the window and on business days."""
+    from recapito.campaign import prepare
+
+    pytest.importorskip("recapito.sendtime")
+    zones = ["Europe/Rome", "America/New_York"]
+    params = CampaignParams(
+        name="besttime",
+        contacts=str(_contacts(home, "besttime", 6, zones)),
+        template=str(_template(home)),
+        sender=SENDER,
+        sending_mode="best_time",
+        best_time_fallback="11:00",
+    )
+    audience = pl.read_parquet(prepare(params, Settings.load()).audience_path)
+    for row in audience.iter_rows(named=True):
+        local = row["_slot"].astimezone(ZoneInfo(row["timezone"]))
+        assert time(9, 0) <= local.time() < time(18, 0) and is_business_day(local.date())
+        assert row["_slot"] >= datetime.now(UTC) - timedelta(minutes=5)

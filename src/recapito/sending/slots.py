@@ -111,13 +111,15 @@ def _model_window(window: SendWindow) -> Any:
     )
 
 
-def _model_kwargs(model: BestTimes, window: SendWindow) -> dict[str, Any]:
-    """``now`` (the campaign's start) for a model that takes it."""
+def _model_kwargs(model: BestTimes, window: SendWindow, campaign: str) -> dict[str, Any]:
+    """``now`` (the campaign's start) and ``campaign`` (seeds its exploration draws) for a
+    model that takes them."""
     try:
         names = inspect.signature(model).parameters
     except (TypeError, ValueError):
         return {}
-    return {"now": window.start} if "now" in names else {}
+    given = {"now": window.start, "campaign": campaign}
+    return {k: v for k, v in given.items() if k in names}
 
 
 def _fallback_times(audience: pl.DataFrame, window: SendWindow) -> list[datetime]:
@@ -152,7 +154,8 @@ def slot_times(
         model = best_times or _best_time_model()
         if model is None:
             return _fallback_times(audience, window)
-        chosen = model(audience, ledger, _model_window(window), **_model_kwargs(model, window))
+        kwargs = _model_kwargs(model, window, params.name)
+        chosen = model(audience, ledger, _model_window(window), **kwargs)
         if len(chosen) != audience.height:
             raise InputError("the best-time model returned a slot count unlike the audience")
         zones = _zones(audience, window)
