@@ -46,8 +46,8 @@ def artifact_key(name: str) -> str:
 def approval_gate(params: CampaignParams, prepared: dict[str, Any]) -> bool:
     """True when the campaign may be delivered: under the threshold, approved before,
     or approved now. A rejection (or no answer in time) is recorded, nothing is sent."""
-    if not needs_approval(params):
-        return True
+    if params.approval_threshold is None or not needs_approval(params):
+        return True  # (no task run at all for campaigns without a threshold)
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()

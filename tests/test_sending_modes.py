@@ -196,7 +196,7 @@ def test_waves_wait_in_the_flow_and_never_resend(
     assert [plan[at] for at in slots] == [[0], [1], [2]]
     for chunk, at in enumerate(slots):  # no wave before its time
         assert sent[chunk] >= datetime.fromisoformat(at) - timedelta(seconds=1)
-    assert (sent[2] - sent[0]).total_seconds() >= 5
+    assert (sent[2] - sent[0]).total_seconds() >= 4  # waves 3 s apart
     again = campaign_flow(params)
     assert again["funnel"]["accepted"] == 6
     ledger = Ledger(Settings.load().db_url)
