@@ -18,7 +18,6 @@ from typing import Any
 import click
 
 from recapito.bounces.cli import bounce
-from recapito.bounces.cli import bounce
 from recapito.contacts.cli import contacts, demo_data
 from recapito.errors import RecapitoError
 from recapito.pec.cli import pec
@@ -508,7 +507,6 @@ def demo_cmd(
 main.add_command(sandbox)
 main.add_command(demo_data, name="demo-data")
 main.add_command(contacts)
-main.add_command(bounce)
 main.add_command(template_group)
 main.add_command(bounce)
 main.add_command(tracking)
