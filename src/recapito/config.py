@@ -23,6 +23,10 @@
                          verify); secret, never logged
 ``RECAPITO_TRACKING_KEYS_FILE`` a file of ``id:secret`` lines; with neither, a key is
                          generated in ``$RECAPITO_HOME/secrets/tracking-keys`` (0600)
+``RECAPITO_EXPORT_KEYS`` ``id:secret,…`` keys of the pseudonymous contact keys in the
+                         data-cleaning exports (the first one keys); secret, never logged
+``RECAPITO_EXPORT_KEYS_FILE`` a file of ``id:secret`` lines; with neither, a key is
+                         generated in ``$RECAPITO_HOME/secrets/export-keys`` (0600)
 
 ``recapito sandbox up`` writes ``$RECAPITO_HOME/sandbox/settings.json`` with the values that
 point the CLI and the flows at the local mail world; explicit environment variables win.
@@ -53,6 +57,8 @@ SETTING_NAMES = (
     "RECAPITO_TRACKING_URL",
     "RECAPITO_TRACKING_KEYS",
     "RECAPITO_TRACKING_KEYS_FILE",
+    "RECAPITO_EXPORT_KEYS",
+    "RECAPITO_EXPORT_KEYS_FILE",
 )
 
 
@@ -131,6 +137,8 @@ class Settings:
     tracking_url: str | None = None
     tracking_keys: str | None = field(default=None, repr=False)  # secret
     tracking_keys_file: Path | None = None
+    export_keys: str | None = field(default=None, repr=False)  # secret
+    export_keys_file: Path | None = None
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> Settings:
@@ -188,6 +196,10 @@ class Settings:
         tracking_file = Path(tracking_file_text) if tracking_file_text else None
         if tracking_file is not None and not tracking_file.is_file():
             raise ConfigError(f"RECAPITO_TRACKING_KEYS_FILE={tracking_file_text}: no such file")
+        export_file_text = merged.get("RECAPITO_EXPORT_KEYS_FILE")
+        export_file = Path(export_file_text) if export_file_text else None
+        if export_file is not None and not export_file.is_file():
+            raise ConfigError(f"RECAPITO_EXPORT_KEYS_FILE={export_file_text}: no such file")
         return cls(
             home=home,
             db_url=db_url,
@@ -204,4 +216,6 @@ class Settings:
             tracking_url=tracking_url,
             tracking_keys=merged.get("RECAPITO_TRACKING_KEYS") or None,
             tracking_keys_file=tracking_file,
+            export_keys=merged.get("RECAPITO_EXPORT_KEYS") or None,
+            export_keys_file=export_file,
         )
