@@ -217,3 +217,36 @@ pec_receipts = sa.Table(
     sa.Index("ix_pec_receipts_delivery", "delivery_id"),
     sa.Index("ix_pec_receipts_campaign_kind", "campaign_id", "kind"),
 )
+
+# Fallback steps (recapito.fallback.sweeper): one row per step of a delivery's fallback
+# chain. Step 0 watches the primary delivery; steps 1… are the channels of the rule that
+# fired. The sweeper claims due rows (``fallback_due_at <= now``) with a conditional UPDATE
+# and writes ``sending`` before calling a provider: a ``sending`` row whose lease ran out is
+# ``uncertain`` and never resent (Twilio has no idempotency key).
+fallback_steps = sa.Table(
+    "fallback_steps",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("campaign_id", BigId, sa.ForeignKey("campaigns.id"), nullable=False),
+    sa.Column("delivery_id", BigId, sa.ForeignKey("deliveries.id"), nullable=False),
+    sa.Column("contact_id", sa.String(200), nullable=False),
+    sa.Column("rule_index", sa.Integer),  # the policy clause that fired (None: the watch row)
+    sa.Column("step_index", sa.Integer, nullable=False),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("fallback_due_at", TS),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("claim_token", sa.String(64)),
+    sa.Column("lease_until", TS),
+    sa.Column("address", sa.String(320)),  # E.164 phone for sms, device/address otherwise
+    sa.Column("provider_id", sa.String(64)),
+    sa.Column("provider_status", sa.String(32)),
+    sa.Column("outcome", sa.String(64)),  # trigger, error code or final word
+    sa.Column("error_code", sa.Integer),
+    sa.Column("sent_at", TS),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.UniqueConstraint("delivery_id", "step_index"),
+    sa.Index("ix_fallback_steps_state_fallback_due_at", "state", "fallback_due_at"),
+    sa.Index("ix_fallback_steps_provider_id", "provider_id"),
+)

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from recapito.fallback.callbacks import TwilioHook
 from recapito.ledger.store import utcnow
 from recapito.tracking.classify import DEFAULT_SCANNER_WINDOW, classify_click, classify_open
 from recapito.tracking.classify import ip_prefix as prefix_of
@@ -123,8 +124,10 @@ class TrackingApp:
         signer: TokenSigner,
         *,
         scanner_window: float = DEFAULT_SCANNER_WINDOW,
+        twilio: TwilioHook | None = None,
     ) -> None:
         self.store = store
+        self.twilio = twilio
         self.signer = signer
         self.scanner_window = scanner_window
         self.app = Starlette(
@@ -133,6 +136,8 @@ class TrackingApp:
                 Route("/c/{token}", self.click, methods=["GET", "HEAD"]),
                 Route("/u/{token}", self.unsubscribe, methods=["GET", "POST"]),
                 Route("/healthz", self.health, methods=["GET"]),
+                Route("/twilio/status", self.twilio_status, methods=["POST"]),
+                Route("/twilio/inbound", self.twilio_inbound, methods=["POST"]),
             ],
             exception_handlers={404: self._404, 405: self._405, 500: self._500},
         )
@@ -270,6 +275,32 @@ class TrackingApp:
             f'<p id="done">{html.escape(_mask(facts.address))} will receive no more of '
             "these messages.</p>",
         )
+
+    async def _twilio(self, request: Request, path: str, inbound: bool) -> Response:
+        """Twilio webhooks: signature checked first (forged → 403), then applied."""
+        hook = self.twilio
+        if hook is None:
+            return _not_found()
+        body = await _read_body(request)
+        if body is None:
+            return PlainTextResponse("request too large\n", status_code=413)
+        params = {
+            k: v[0] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()
+        }
+        url = hook.url_for(path, str(request.url))
+        if not hook.verify(url, params, request.headers.get("x-twilio-signature", "")):
+            return PlainTextResponse("forbidden\n", status_code=403)
+        apply = hook.inbound if inbound else hook.status
+        result = await run_in_threadpool(apply, params)
+        if result == "malformed":
+            return PlainTextResponse("malformed\n", status_code=400)
+        return Response(status_code=204)
+
+    async def twilio_status(self, request: Request) -> Response:
+        return await self._twilio(request, "/twilio/status", inbound=False)
+
+    async def twilio_inbound(self, request: Request) -> Response:
+        return await self._twilio(request, "/twilio/inbound", inbound=True)
 
 
 async def _read_body(request: Request) -> bytes | None:

@@ -1,0 +1,1 @@
+"""Fallback channels: policy, sweeper, SMS (Twilio), paper letters and data-cleaning exports."""
