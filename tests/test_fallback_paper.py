@@ -373,3 +373,47 @@ def test_cleaning_export_key_from_settings(tmp_path: Path) -> None:
         assert _mode(tmp_path / "g" / "secrets" / "export-keys") == 0o600
     finally:
         ledger.close()
+
+
+def test_cli_letters_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from recapito.campaign import campaign_dir
+    from recapito.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RECAPITO_HOME", str(home))
+    monkeypatch.setenv("RECAPITO_DB_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    for name in ("RECAPITO_EXPORT_KEYS", "RECAPITO_EXPORT_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    ledger, _, _ = _ledger_with_failures(tmp_path)
+    ledger.close()
+    settings = Settings.load()
+    folder = campaign_dir(settings, "spring")
+    folder.mkdir(parents=True)
+    CONTACTS.with_columns(
+        postal_address=pl.Series(["Via Roma 1", "Corso Italia 22", None, None, None]),
+        postcode=pl.Series(["00184", "20122", None, None, "1234"]),
+        city=pl.Series(["Roma", "Milano", None, None, "Bari"]),
+        province=pl.Series(["RM", "MI", None, None, "BA"]),
+    ).write_parquet(folder / "audience.parquet")
+
+    runner = CliRunner()
+    done = runner.invoke(main, ["fallback", "letters", "--campaign", "spring", "--batch", "--json"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.output)
+    assert result["selected_by"] == "failures"
+    assert (result["letters"], result["rejected"], result["files"]) == (2, 1, ["letters.pdf"])
+    doc = json.loads((folder / "letters" / "manifest.json").read_text())
+    assert [e["address_lines"] for e in doc["letters"]] == [
+        ["ANNA BIANCHI", "VIA ROMA 1", "00184 ROMA RM"],
+        ["BRUNO VERDI", "CORSO ITALIA 22", "20122 MILANO MI"],
+    ]
+    assert doc["rejected"][0]["contact_id"] == "c5"
+
+    done = runner.invoke(main, ["fallback", "export", "--campaign", "spring"])
+    assert done.exit_code == 0, done.output
+    export = pl.read_csv(home / "exports" / "cleaning" / "cleaning-spring.csv")
+    assert export["name"].to_list() == ["Anna Bianchi", "Bruno Verdi", "Elena Rossi"]
+    missing = runner.invoke(main, ["fallback", "export", "--campaign", "nope"])
+    assert missing.exit_code != 0 and "no campaign named 'nope'" in missing.output

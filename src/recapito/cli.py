@@ -20,6 +20,7 @@ import click
 from recapito.bounces.cli import bounce
 from recapito.contacts.cli import contacts, demo_data
 from recapito.errors import RecapitoError
+from recapito.fallback.cli import fallback
 from recapito.pec.cli import pec
 from recapito.pec.rules_cli import rules
 from recapito.render.cli import template as template_group
@@ -512,6 +513,7 @@ main.add_command(bounce)
 main.add_command(tracking)
 main.add_command(pec)
 main.add_command(rules)
+main.add_command(fallback)
 
 if __name__ == "__main__":
     main()
