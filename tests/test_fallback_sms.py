@@ -336,3 +336,52 @@ def test_forged_callbacks_are_rejected(world: World) -> None:
     from recapito.fallback.sweeper import is_opted_out
 
     assert is_opted_out(w.ledger, "+393471234567")
+
+
+def test_sweep_all_uses_the_campaign_policy_and_audience_phones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polars as pl
+
+    from recapito.campaign import campaign_dir
+    from recapito.config import Settings
+    from recapito.fallback.run import sweep_all, twilio_settings
+
+    monkeypatch.setenv("RECAPITO_HOME", str(tmp_path))
+    monkeypatch.delenv("RECAPITO_DB_URL", raising=False)
+    settings = Settings.load()
+    ledger = Ledger(settings.db_url)
+    params = {"fallback_policy": "email → on insecure_channel → sms → paper"}
+    camp = ledger.ensure_campaign(
+        "flow", sender="n@bank.test", template_hash="h" * 64, params=params
+    )
+    ledger.ensure_campaign("other", sender="n@bank.test", template_hash="h" * 64, params={})
+    ledger.plan(camp.id, [PlannedDelivery("a", "a@x.test", "x.test", 0)])
+    for claim in ledger.claim_chunk(camp.id, 0, worker="t"):
+        ledger.record(claim, Outcome(State.INSECURE_CHANNEL, reason="tls_below_floor"))
+    folder = campaign_dir(settings, "flow")
+    folder.mkdir(parents=True)
+    pl.DataFrame({"contact_id": ["a"], "phone": ["3471234567"]}).write_parquet(
+        folder / "audience.parquet"
+    )
+    sandbox = tw.TwilioSandbox(SID, TOKEN, delay=0.02)
+    api = tw.TwilioSandboxServer(sandbox).start()
+    try:
+        env = {
+            "RECAPITO_TWILIO_ACCOUNT_SID": SID,
+            "RECAPITO_TWILIO_AUTH_TOKEN": TOKEN,
+            "RECAPITO_TWILIO_BASE_URL": api.url,
+        }
+        twilio = twilio_settings(env)
+        assert twilio is not None and TOKEN not in repr(twilio)
+        assert twilio_settings({}) is None
+        first = sweep_all(ledger, settings=settings, twilio=twilio)
+        assert first == {"flow": {"triggered": 1, "enrolled": 1}}
+        assert sweep_all(ledger, settings=settings, twilio=None)["flow"] == {"no_sender": 1}
+        assert sandbox.requests == []  # SMS not configured: the step waits, nothing skipped
+        later = utcnow() + timedelta(hours=1)
+        assert sweep_all(ledger, settings=settings, twilio=twilio, now=later)["flow"] == {"sent": 1}
+        assert [r.to for r in sandbox.requests] == ["+393471234567"]
+    finally:
+        api.stop()
+        ledger.close()

@@ -189,7 +189,9 @@ class Sweeper:
         config: SweepConfig | None = None,
         *,
         worker: str = "sweeper",
+        campaign_id: int | None = None,
     ) -> None:
+        self.campaign_id = campaign_id  # only this campaign's rows (its policy) when set
         self.ledger = ledger
         self.policy = policy
         self.senders = senders
@@ -210,12 +212,19 @@ class Sweeper:
             )
         )
 
+    def _scope(self) -> Any:
+        if self.campaign_id is None:
+            return sa.true()
+        return fallback_steps.c.campaign_id == self.campaign_id
+
     def expire_stale(self, now: datetime) -> int:
         """``sending`` rows whose lease ran out become ``uncertain`` (never resent)."""
         with self.ledger.engine.begin() as conn:
             stale = conn.execute(
                 sa.select(fallback_steps).where(
-                    fallback_steps.c.state == SENDING, fallback_steps.c.lease_until < now
+                    fallback_steps.c.state == SENDING,
+                    fallback_steps.c.lease_until < now,
+                    self._scope(),
                 )
             ).all()
             for row in stale:
@@ -240,6 +249,7 @@ class Sweeper:
                         fallback_steps.c.state.in_(CLAIMABLE),
                         fallback_steps.c.fallback_due_at <= now,
                         free,
+                        self._scope(),
                     )
                     .order_by(fallback_steps.c.fallback_due_at, fallback_steps.c.id)
                     .limit(self.config.batch)
@@ -409,14 +419,13 @@ class Sweeper:
         sender = self.senders.get(row.channel)
         with self.ledger.engine.begin() as conn:
             if sender is None:
+                # the channel is not configured here: the row stays due for a sweeper that has it
                 conn.execute(
                     fallback_steps.update()
                     .where(mine)
-                    .values(state=SKIPPED, outcome="no_sender", claim_token=None, updated_at=now)
+                    .values(claim_token=None, fallback_due_at=now + self.config.recheck)
                 )
-                self._event(conn, row, "fallback_skipped", now, reason="no_sender")
-                self._next_step(conn, row, now)
-                return "skipped"
+                return "no_sender"
             # the attempt row, committed before the provider is called
             moved = conn.execute(
                 fallback_steps.update()

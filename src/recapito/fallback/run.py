@@ -1,0 +1,107 @@
+"""One sweep over every campaign with a fallback policy (the sweeper flow's core).
+
+A campaign's policy is its ``fallback_policy`` parameter, else the default given (the
+``RECAPITO_FALLBACK_POLICY`` setting). Its primary deliveries are enrolled (phones from the
+audience snapshot's ``phone`` column), then its due steps are swept with its own policy.
+
+Twilio settings (environment, or the sandbox's settings file through ``Settings``):
+``RECAPITO_TWILIO_ACCOUNT_SID``, ``RECAPITO_TWILIO_AUTH_TOKEN`` (secret, never logged; the
+tasks layer may read it from a Prefect Secret block instead), ``RECAPITO_TWILIO_FROM``,
+``RECAPITO_TWILIO_BASE_URL`` (the sandbox API), ``RECAPITO_SMS_VALIDITY`` (seconds);
+status callbacks go to ``$RECAPITO_TRACKING_URL/twilio/status``. Without an SID and a
+token the ``sms`` steps stay due.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from recapito.campaign import campaign_dir
+from recapito.config import Settings
+from recapito.fallback.policy import Policy, PolicyError, parse_policy
+from recapito.fallback.sms import TwilioSettings, TwilioSms
+from recapito.fallback.sweeper import ChannelSender, PaperQueue, SmsChannel, Sweeper, enroll
+from recapito.ledger.store import Ledger
+
+DEFAULT_SMS_TEMPLATE = (
+    "Banca: abbiamo per lei una comunicazione che non siamo riusciti a recapitare via e-mail. "
+    "Riceverà una lettera. Rif. {{ contact_id }}"
+)
+
+
+def twilio_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    tracking_url: str | None = None,
+    auth_token: str | None = None,
+) -> TwilioSettings | None:
+    env = os.environ if env is None else env
+    sid = env.get("RECAPITO_TWILIO_ACCOUNT_SID", "").strip()
+    token = auth_token or env.get("RECAPITO_TWILIO_AUTH_TOKEN", "").strip()
+    if not sid or not token:
+        return None
+    validity = env.get("RECAPITO_SMS_VALIDITY", "").strip()
+    return TwilioSettings(
+        account_sid=sid,
+        auth_token=token,
+        from_number=env.get("RECAPITO_TWILIO_FROM", "").strip() or "Banca",
+        base_url=env.get("RECAPITO_TWILIO_BASE_URL", "").strip() or None,
+        status_callback=f"{tracking_url.rstrip('/')}/twilio/status" if tracking_url else None,
+        validity_period=int(validity) if validity.isdigit() else 14400,
+    )
+
+
+def _phones(audience: Path) -> dict[str, str | None]:
+    if not audience.exists():
+        return {}
+    import polars as pl
+
+    cols = pl.read_parquet_schema(audience)
+    if "phone" not in cols or "contact_id" not in cols:
+        return {}
+    frame = pl.read_parquet(audience, columns=["contact_id", "phone"])
+    return {str(r["contact_id"]): r["phone"] for r in frame.iter_rows(named=True)}
+
+
+def campaign_policy(params: Mapping[str, Any], default: str | None) -> Policy | None:
+    text = params.get("fallback_policy") or default
+    if not text:
+        return None
+    try:
+        return parse_policy(str(text))
+    except PolicyError as exc:
+        raise PolicyError(f"fallback policy of the campaign: {exc}") from None
+
+
+def sweep_all(
+    ledger: Ledger,
+    *,
+    settings: Settings,
+    default_policy: str | None = None,
+    twilio: TwilioSettings | None = None,
+    sms_template: str = DEFAULT_SMS_TEMPLATE,
+    campaign: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, dict[str, int]]:
+    """Enrol and sweep each campaign with a policy; returns counts per campaign."""
+    senders: dict[str, ChannelSender] = {"paper": PaperQueue()}
+    if twilio is not None:
+        senders["sms"] = SmsChannel(ledger, TwilioSms(twilio), sms_template)
+    out: dict[str, dict[str, int]] = {}
+    for camp in ledger.list_campaigns():
+        if campaign is not None and camp.name != campaign:
+            continue
+        policy = campaign_policy(camp.params, default_policy)
+        if policy is None:
+            continue
+        audience = campaign_dir(settings, camp.name) / "audience.parquet"
+        enrolled = enroll(ledger, camp.id, policy, _phones(audience), now=now)
+        counts = Sweeper(ledger, policy, senders, campaign_id=camp.id).sweep(now)
+        if enrolled:
+            counts["enrolled"] = enrolled
+        out[camp.name] = counts
+    return out
