@@ -385,3 +385,15 @@ def test_sweep_all_uses_the_campaign_policy_and_audience_phones(
     finally:
         api.stop()
         ledger.close()
+
+
+def test_campaign_parameter_is_checked_when_filled_in() -> None:
+    from pydantic import ValidationError
+
+    from recapito.campaign import CampaignParams
+
+    base = {"name": "x", "contacts": "c.csv", "template": "t", "sender": "n@bank.test"}
+    ok = CampaignParams(**base, fallback_policy="email → on insecure_channel → sms → paper")
+    assert ok.fallback_policy is not None
+    with pytest.raises(ValidationError, match="unknown trigger"):
+        CampaignParams(**base, fallback_policy="email → on nobody → sms")

@@ -198,6 +198,24 @@ class CampaignParams(BaseModel):
         ge=0,
         description="Above this many recipients the run pauses for approval before delivery",
     )
+    fallback_policy: str | None = Field(
+        None,
+        description="Fallback for recipients not reached, e.g. 'email → on insecure_channel|"
+        "hard_bounce → sms → paper; wait 24h for delivered|opened → sms' (the sweeper)",
+    )
+
+    @field_validator("fallback_policy")
+    @classmethod
+    def _fallback_policy_parses(cls, value: str | None) -> str | None:
+        if value:
+            from recapito.fallback.policy import PolicyError, parse_policy
+
+            try:
+                parse_policy(value)
+            except PolicyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     approval_timeout_hours: float = Field(
         24, gt=0, le=24 * 14, description="An unanswered approval request rejects the campaign"
     )
