@@ -417,3 +417,27 @@ def test_cli_letters_and_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert export["name"].to_list() == ["Anna Bianchi", "Bruno Verdi", "Elena Rossi"]
     missing = runner.invoke(main, ["fallback", "export", "--campaign", "nope"])
     assert missing.exit_code != 0 and "no campaign named 'nope'" in missing.output
+
+
+def test_a_letter_typst_refuses_is_rejected_not_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typst
+
+    from recapito.fallback import paper
+
+    real = paper._Typst.compile
+
+    def refusing(self: paper._Typst, letters: list[dict[str, object]]) -> object:
+        if any(item["id"] == "x-2" for item in letters):
+            raise typst.TypstError("layout did not converge")
+        return real(self, letters)
+
+    monkeypatch.setattr(paper._Typst, "compile", refusing)
+    letters = [_letter(f"x-{i}") for i in range(4)]
+    manifest = render_letters(letters, tmp_path, batch=True, options=OPTIONS)
+    assert [e.letter_id for e in manifest.letters] == ["x-0", "x-1", "x-3"]
+    assert [(r.letter_id, r.errors) for r in manifest.rejected] == [
+        ("x-2", ("typst: layout did not converge",))
+    ]
+    assert _pages(manifest.files[0]) == 3
