@@ -441,3 +441,38 @@ def test_a_letter_typst_refuses_is_rejected_not_the_batch(
         ("x-2", ("typst: layout did not converge",))
     ]
     assert _pages(manifest.files[0]) == 3
+
+
+def test_letters_follow_the_paper_steps_of_the_sweeper(tmp_path: Path) -> None:
+    from recapito.fallback.letters import campaign_letters
+    from recapito.fallback.policy import parse_policy
+    from recapito.fallback.sweeper import PaperQueue, Sweeper, enroll
+    from recapito.ledger.store import utcnow
+
+    ledger, spring, _ = _ledger_with_failures(tmp_path)
+    try:
+        settings = Settings.load({"RECAPITO_HOME": str(tmp_path / "home")})
+        audience = CONTACTS.with_columns(
+            postal_address=pl.lit("Via Roma 1"),
+            postcode=pl.lit("00184"),
+            city=pl.lit("Roma"),
+            province=pl.lit("RM"),
+        )
+        letters, source = campaign_letters(ledger, settings, "spring", audience=audience)
+        assert source == "failures"
+        assert [x.contact_id for x in letters] == ["c1", "c2", "c5"]
+
+        policy = parse_policy("email → on insecure_channel → paper")
+        sweeper = Sweeper(ledger, policy, {"paper": PaperQueue()}, campaign_id=spring)
+        enroll(ledger, spring, policy, {})
+        now = utcnow()
+        sweeper.sweep(now)
+        sweeper.sweep(now)
+        letters, source = campaign_letters(
+            ledger, settings, "spring", audience=audience, product="raccomandata"
+        )
+        assert source == "policy"
+        assert [(x.contact_id, x.product) for x in letters] == [("c1", "raccomandata")]
+        assert letters[0].recipient == "Anna Bianchi" and letters[0].letter_id.startswith("spring-")
+    finally:
+        ledger.close()
