@@ -397,3 +397,55 @@ def test_campaign_parameter_is_checked_when_filled_in() -> None:
     assert ok.fallback_policy is not None
     with pytest.raises(ValidationError, match="unknown trigger"):
         CampaignParams(**base, fallback_policy="email → on nobody → sms")
+
+
+def test_sandbox_runs_the_twilio_api(sandbox: object, tmp_path: Path) -> None:
+    """The sandbox starts the Twilio-compatible API as a child; its settings reach the SMS."""
+    from recapito.fallback.run import twilio_settings
+    from recapito.fallback.sweeper import record_sms_status
+    from recapito.sandbox.runtime import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    env = sandbox.env()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    hook = TwilioHook(ledger, env["RECAPITO_TWILIO_AUTH_TOKEN"])
+    signer = TokenSigner(keyring_from_entries([("k1", "fallback-secret-0123456789")]))
+    app = TrackingApp(TrackingStore(ledger), signer, twilio=hook)
+    with running(app) as service:
+        settings = twilio_settings(env, tracking_url=service.url)
+        assert settings is not None and settings.base_url == env["RECAPITO_TWILIO_BASE_URL"]
+        sent = TwilioSms(settings).send("+393471234567", "prova")
+        assert sent.sid.startswith("SM") and sent.status == "queued"
+        with pytest.raises(SmsError) as blocked:
+            TwilioSms(settings).send(tw.BLOCKED, "prova")
+        assert (blocked.value.kind, blocked.value.code) == ("hard", 21610)
+        with pytest.raises(SmsError) as soft:
+            TwilioSms(settings).send(tw.UNAVAILABLE, "prova")
+        assert soft.value.kind == "soft"
+        # the step the sweeper would have written, then the signed callbacks move it
+        camp = ledger.ensure_campaign("sbx", sender="n@b.test", template_hash="h" * 64, params={})
+        ledger.plan(camp.id, [PlannedDelivery("a", "a@x.test", "x.test", 0)])
+        delivery_id = ledger.deliveries_of(camp.id)[0]["id"]
+        now = utcnow()
+        with ledger.engine.begin() as conn:
+            conn.execute(
+                fallback_steps.insert().values(
+                    campaign_id=camp.id,
+                    delivery_id=delivery_id,
+                    contact_id="a",
+                    step_index=1,
+                    channel="sms",
+                    state="sent",
+                    provider_id=sent.sid,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        deadline = time.monotonic() + 10
+        state = None
+        while time.monotonic() < deadline and state != "delivered":
+            time.sleep(0.1)
+            state = steps_of(ledger, camp.id)[0]["state"]
+        assert state == "delivered"
+        assert record_sms_status(ledger, sent.sid, "sent") == "ignored"
+    ledger.close()

@@ -565,13 +565,19 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
         f"RECAPITO_BOUNCE_IMAP_{k}"
         for k in ("HOST", "PORT", "SECURITY", "USER", "PASSWORD", "CA_FILE")
     }
+    twilio = {f"RECAPITO_TWILIO_{k}" for k in ("ACCOUNT_SID", "AUTH_TOKEN", "BASE_URL", "FROM")}
     assert set(env) - set(expected) <= {
         "RECAPITO_DANE_RESOLVER",
         "RECAPITO_DKIM_KEYS",
         "RECAPITO_PEC_MAILBOXES_FILE",
         "RECAPITO_PEC_CA_FILE",
         *bounce_imap,
+        *twilio,
     }
+    # the Twilio-compatible Messages API always runs; its auth token makes the file secret
+    assert twilio <= set(env)
+    assert env["RECAPITO_TWILIO_BASE_URL"].startswith("http://127.0.0.1:")
+    assert sandbox.settings_path.stat().st_mode & 0o077 == 0
     if sandbox.imap_ports is not None:
         assert bounce_imap <= set(env)
         assert sandbox.settings_path.stat().st_mode & 0o077 == 0  # it holds a password
@@ -589,7 +595,9 @@ def test_sandbox_settings_and_state(sandbox: Sandbox) -> None:
     state = read_state(sandbox.home)
     assert state is not None and state.owner_pid == os.getpid()
     assert {s.host: s.pid for s in state.servers} == {
-        h: p for h, p in sandbox.pids.items() if h not in ("dns", "https", "dnssec", "imap", "pec")
+        h: p
+        for h, p in sandbox.pids.items()
+        if h not in ("dns", "https", "dnssec", "imap", "pec", "twilio")
     }
     assert (state.https_port, state.https_pid) == (sandbox.https_port, sandbox.pids["https"])
     assert all(pid_alive(p) for p in state.child_pids)

@@ -14,6 +14,7 @@ token the ``sms`` steps stay due.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from datetime import datetime
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recapito.campaign import campaign_dir
-from recapito.config import Settings
+from recapito.config import Settings, sandbox_settings_path
 from recapito.fallback.policy import Policy, PolicyError, parse_policy
 from recapito.fallback.sms import TwilioSettings, TwilioSms
 from recapito.fallback.sweeper import ChannelSender, PaperQueue, SmsChannel, Sweeper, enroll
@@ -39,7 +40,8 @@ def twilio_settings(
     tracking_url: str | None = None,
     auth_token: str | None = None,
 ) -> TwilioSettings | None:
-    env = os.environ if env is None else env
+    if env is None:
+        env = {**_sandbox_values(), **os.environ}
     sid = env.get("RECAPITO_TWILIO_ACCOUNT_SID", "").strip()
     token = auth_token or env.get("RECAPITO_TWILIO_AUTH_TOKEN", "").strip()
     if not sid or not token:
@@ -53,6 +55,22 @@ def twilio_settings(
         status_callback=f"{tracking_url.rstrip('/')}/twilio/status" if tracking_url else None,
         validity_period=int(validity) if validity.isdigit() else 14400,
     )
+
+
+def _sandbox_values() -> dict[str, str]:
+    """RECAPITO_TWILIO_* / RECAPITO_SMS_* from the sandbox's settings file, if it runs."""
+    path = sandbox_settings_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(k): str(v)
+        for k, v in data.items()
+        if str(k).startswith(("RECAPITO_TWILIO_", "RECAPITO_SMS_"))
+    }
 
 
 def _phones(audience: Path) -> dict[str, str | None]:

@@ -55,6 +55,7 @@ from recapito.sandbox.dns import DNSProcessSpec, ZoneRecord, query
 from recapito.sandbox.https import HTTPSProcessSpec
 from recapito.sandbox.maildir import StoredMessage, read_maildirs
 from recapito.sandbox.servers import MXProcessSpec
+from recapito.sandbox.twilio import TwilioProcessSpec
 
 __all__ = [
     "DNS_ADDRESS",
@@ -110,6 +111,8 @@ class SandboxState:
     imap_port: int = 0  # the bounce mailbox (implicit TLS); 0 when Dovecot is not installed
     imap_pid: int = 0
     pec_pid: int = 0  # the PEC providers (recapito.sandbox.pec); 0 when not running
+    twilio_port: int = 0  # the Twilio-compatible Messages API (recapito.sandbox.twilio)
+    twilio_pid: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -123,7 +126,7 @@ class SandboxState:
     @property
     def child_pids(self) -> list[int]:
         pids = [self.dns_pid, *(s.pid for s in self.servers)]
-        extra = (self.https_pid, self.dnssec_pid, self.imap_pid, self.pec_pid)
+        extra = (self.https_pid, self.dnssec_pid, self.imap_pid, self.pec_pid, self.twilio_pid)
         return [*pids, *(p for p in extra if p)]
 
 
@@ -328,6 +331,9 @@ class Sandbox:
         # the PEC providers and their sender mailboxes (Dovecot users), when Dovecot runs
         self.pec_world = pec or pec_sandbox.PecWorld()
         self._pec_passwords = self.pec_world.new_passwords()
+        self._twilio_sid = "AC" + secrets.token_hex(16)
+        self._twilio_token = secrets.token_hex(16)
+        self._twilio_port: int | None = None
         self._pec_ports: dict[str, int] = {}
         self.catch_all = catch_all
         self.extra_records = tuple(extra_records)
@@ -474,6 +480,15 @@ class Sandbox:
             settings["RECAPITO_PEC_MAILBOXES_FILE"] = str(self.pec_mailboxes_file)
             # the providers sign their receipts with certificates of the sandbox CA
             settings["RECAPITO_PEC_CA_FILE"] = str(self.ca_file)
+        if self._twilio_port is not None:
+            settings.update(
+                {
+                    "RECAPITO_TWILIO_ACCOUNT_SID": self._twilio_sid,
+                    "RECAPITO_TWILIO_AUTH_TOKEN": self._twilio_token,
+                    "RECAPITO_TWILIO_BASE_URL": f"http://{DNS_ADDRESS}:{self._twilio_port}",
+                    "RECAPITO_TWILIO_FROM": "+393330000000",
+                }
+            )
         return settings
 
     def messages(self) -> list[StoredMessage]:
@@ -653,6 +668,7 @@ class Sandbox:
             certs={h: (str(p.cert), str(p.key)) for h, p in self._policy_certs.items()},
         )
         self._spawn("https", "recapito.sandbox.https", https_spec.to_json())
+        self._launch_twilio(owner)
         self._launch_imap(owner)
         self._launch_pec(owner)
         for server in world.MX_SERVERS:
@@ -753,6 +769,18 @@ class Sandbox:
         self._spawn("imap", "recapito.sandbox.imap", spec.to_json())
         self._imap_ports = (ports[0], ports[1])
 
+    def _launch_twilio(self, owner: int) -> None:
+        """The Twilio-compatible Messages API (recapito.sandbox.twilio) on 127.0.0.1."""
+        self._twilio_port = free_https_port((self._mx_port, self._dns_port, self._https_port))
+        spec = TwilioProcessSpec(
+            address=DNS_ADDRESS,
+            port=self._twilio_port,
+            parent_pid=owner,
+            account_sid=self._twilio_sid,
+            auth_token=self._twilio_token,
+        )
+        self._spawn("twilio", "recapito.sandbox.twilio", spec.to_json())
+
     def _launch_pec(self, owner: int) -> None:
         """The PEC providers: only with the IMAP server, where their receipts are read."""
         self._pec_ports = {}
@@ -837,6 +865,10 @@ class Sandbox:
                 raise SandboxError(
                     f"{server.host} ({server.address}:{self.mx_port}) does not greet with 220"
                 )
+        if self._twilio_port is not None and not probe_tcp(DNS_ADDRESS, self._twilio_port):
+            raise SandboxError(
+                f"the Twilio API on {DNS_ADDRESS}:{self._twilio_port} does not accept connections"
+            )
         if not probe_tcp(world.MTA_STS_ADDRESS, self.https_port):
             raise SandboxError(
                 f"the MTA-STS HTTPS server on {world.MTA_STS_ADDRESS}:{self.https_port} "
@@ -848,8 +880,8 @@ class Sandbox:
     def _write_files(self) -> None:
         settings = self.env()
         _atomic_write_text(self.settings_path, json.dumps(settings, indent=2) + "\n")
-        if self._imap_ports:
-            os.chmod(self.settings_path, 0o600)  # it holds the bounce mailbox's password
+        # it holds the Twilio API's auth token (and the bounce mailbox's password)
+        os.chmod(self.settings_path, 0o600)
         if self._pec_ports:
             assert self._imap_ports is not None
             document = self.pec_world.mailboxes_document(
@@ -886,6 +918,8 @@ class Sandbox:
             imap_port=self._imap_ports[1] if self._imap_ports else 0,
             imap_pid=by_name.get("imap", 0),
             pec_pid=by_name.get("pec", 0),
+            twilio_port=self._twilio_port or 0,
+            twilio_pid=by_name.get("twilio", 0),
         )
         _atomic_write_text(state_path(self.home), state.to_json() + "\n")
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import secrets
 import socket
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -37,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from recapito.fallback.sms import sign
+from recapito.sandbox import _proc
 
 INVALID = "+393400000002"
 LANDLINE = "+390612345678"
@@ -209,6 +212,65 @@ class TwilioSandboxServer:
         self.sock.close()
 
 
+# ---- as a child process of the sandbox (recapito.sandbox.runtime) ---------------------------
+
+
+@dataclass(frozen=True)
+class TwilioProcessSpec:
+    address: str
+    port: int
+    parent_pid: int
+    account_sid: str
+    auth_token: str
+    delay: float = 0.5
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TwilioProcessSpec:
+        return cls(**json.loads(text))
+
+
+async def serve(spec: TwilioProcessSpec) -> int:
+    """Serve until SIGTERM/SIGINT (uvicorn's handlers) or until the parent process exits."""
+    sandbox = TwilioSandbox(spec.account_sid, spec.auth_token, delay=spec.delay)
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((spec.address, spec.port))
+    except OSError as exc:
+        _proc.report(_proc.listen_error("Twilio API", spec.address, spec.port, exc))
+        return 1
+    config = uvicorn.Config(sandbox.app, access_log=False, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            _proc.report(f"{_proc.ERROR} Twilio API: the server stopped while starting")
+            return 1
+        await asyncio.sleep(0.02)
+    _proc.report(_proc.READY)
+    stop = asyncio.Event()
+    watchdog = asyncio.create_task(_proc.watch_parent(spec.parent_pid, stop))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await task
+    watchdog.cancel()
+    stopped.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m recapito.sandbox.twilio '<spec json>'", file=sys.stderr)
+        return 2
+    _proc.configure_logging("twilio")
+    return asyncio.run(serve(TwilioProcessSpec.from_json(_proc.spec_text(args[0]))))
+
+
 def describe() -> dict[str, Any]:
     return {
         "invalid": INVALID,
@@ -217,3 +279,7 @@ def describe() -> dict[str, Any]:
         "unreachable": UNREACHABLE,
         "unavailable": UNAVAILABLE,
     }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
