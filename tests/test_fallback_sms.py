@@ -449,3 +449,44 @@ def test_sandbox_runs_the_twilio_api(sandbox: object, tmp_path: Path) -> None:
         assert state == "delivered"
         assert record_sms_status(ledger, sent.sid, "sent") == "ignored"
     ledger.close()
+
+
+def test_push_through_the_fcm_sandbox_invalidates_unregistered_tokens(tmp_path: Path) -> None:
+    from recapito.fallback.push import DeviceRegistry, FcmPush, PushChannel
+    from recapito.sandbox.fcm import FcmSandbox
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    camp = ledger.ensure_campaign("push", sender="n@b.test", template_hash="h" * 64, params={})
+    contacts = ["both", "gone", "none"]
+    ledger.plan(camp.id, [PlannedDelivery(c, f"{c}@x.test", "x.test", 0) for c in contacts])
+    for claim in ledger.claim_chunk(camp.id, 0, worker="t"):
+        ledger.record(claim, Outcome(State.INSECURE_CHANNEL, reason="tls_below_floor"))
+    registry = DeviceRegistry(ledger)
+    registry.register("both", "unregistered-old")
+    registry.register("both", "good-phone", "ios")
+    registry.register("gone", "unregistered-only")
+    fcm_box = FcmSandbox("oauth-abc")
+    server = tw.TwilioSandboxServer(fcm_box).start()
+    fcm = FcmPush("demo-project", lambda: "oauth-abc", endpoint=server.url)
+    try:
+        policy = parse_policy("email → on insecure_channel → push → paper")
+        push = PushChannel(ledger, fcm, "Banca", "Una comunicazione per lei")
+        sweeper = Sweeper(ledger, policy, {"push": push, "paper": PaperQueue()})
+        enroll(ledger, camp.id, policy, {})
+        now = utcnow()
+        sweeper.sweep(now)
+        assert sweeper.sweep(now) == {"sent": 1, "failed": 2}
+        by_contact = {(s["contact_id"], s["channel"]): s for s in steps_of(ledger, camp.id)}
+        assert by_contact[("both", "push")]["state"] == "done"
+        assert str(by_contact[("both", "push")]["provider_id"]).startswith("projects/demo")
+        assert by_contact[("gone", "push")]["state"] == "failed"
+        assert by_contact[("none", "push")]["outcome"] == "hard:None"  # no device at all
+        assert by_contact[("gone", "paper")]["state"] == "due"
+        assert registry.active("both") == ["good-phone"]  # UNREGISTERED invalidated
+        assert registry.active("gone") == []
+        assert len(fcm_box.requests) == 3
+        assert fcm_box.requests[0]["notification"]["title"] == "Banca"
+    finally:
+        fcm.close()
+        server.stop()
+        ledger.close()

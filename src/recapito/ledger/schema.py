@@ -250,3 +250,21 @@ fallback_steps = sa.Table(
     sa.Index("ix_fallback_steps_state_fallback_due_at", "state", "fallback_due_at"),
     sa.Index("ix_fallback_steps_provider_id", "provider_id"),
 )
+
+# Push device tokens (recapito.fallback.push): a contact's app installs; FCM's UNREGISTERED
+# (or INVALID_ARGUMENT on the token) marks a token ``invalid`` and it is never used again.
+# Unique on the SHA-256 of the token (tokens can be longer than an index allows).
+device_tokens = sa.Table(
+    "device_tokens",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("contact_id", sa.String(200), nullable=False),
+    sa.Column("token", sa.String(4096), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("platform", sa.String(16), nullable=False),  # android | ios | web
+    sa.Column("state", sa.String(16), nullable=False),  # active | invalid
+    sa.Column("reason", sa.String(64)),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.Index("ix_device_tokens_contact_id_state", "contact_id", "state"),
+)

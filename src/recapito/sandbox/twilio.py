@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import httpx
@@ -160,10 +160,17 @@ class TwilioSandbox:
         return len(self.tasks)
 
 
-class TwilioSandboxServer:
-    """The sandbox API in a background thread (uvicorn on 127.0.0.1, port chosen)."""
+class _Served(Protocol):
+    app: Starlette
 
-    def __init__(self, sandbox: TwilioSandbox, host: str = "127.0.0.1", port: int = 0) -> None:
+    def pending(self) -> int: ...
+
+
+class TwilioSandboxServer:
+    """A sandbox API (Twilio's, or the FCM-like one) in a background thread (uvicorn on
+    127.0.0.1, port chosen)."""
+
+    def __init__(self, sandbox: _Served, host: str = "127.0.0.1", port: int = 0) -> None:
         self.sandbox = sandbox
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
