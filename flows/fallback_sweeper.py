@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 
 from tasks.fallback import sweep_fallbacks
 
@@ -16,8 +17,14 @@ def fallback_sweeper_flow(
     campaign: str | None = None, token_block: str | None = None
 ) -> dict[str, Any]:
     """Sweep the due fallback steps (of ``campaign``, or of every campaign)."""
-    counts = sweep_fallbacks(campaign, token_block)
+    result = sweep_fallbacks(campaign, token_block)
     logger = get_run_logger()
-    for name, c in counts.items():
+    for name, c in result["counts"].items():
         logger.info("campaign %r: %s", name, c)  # counts only, never recipients
-    return counts
+    if result["funnel"]:
+        create_table_artifact(
+            key="fallback-funnel",
+            table=result["funnel"],
+            description="Fallback steps per campaign and channel, by state",
+        )
+    return result

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 
 from recapito.config import Settings
-from recapito.fallback.run import sweep_all, twilio_settings
+from recapito.fallback.run import fcm_push, funnel_rows, sweep_all, twilio_settings
 from recapito.ledger.store import Ledger
 
 
@@ -25,16 +25,22 @@ def sweep_fallbacks(campaign: str | None = None, token_block: str | None = None)
     if token_block:
         from prefect.blocks.system import Secret
 
-        token = str(Secret.load(token_block).get())
+        block: Any = Secret.load(token_block)
+        token = str(block.get())
     twilio = twilio_settings(tracking_url=settings.tracking_url, auth_token=token)
+    fcm = fcm_push()
     ledger = Ledger(settings.db_url)
     try:
-        return sweep_all(
+        counts = sweep_all(
             ledger,
             settings=settings,
             default_policy=os.environ.get("RECAPITO_FALLBACK_POLICY") or None,
             twilio=twilio,
+            fcm=fcm,
             campaign=campaign,
         )
+        return {"counts": counts, "funnel": funnel_rows(ledger, campaign)}
     finally:
         ledger.close()
+        if fcm is not None:
+            fcm.close()

@@ -382,6 +382,18 @@ def test_sweep_all_uses_the_campaign_policy_and_audience_phones(
         later = utcnow() + timedelta(hours=1)
         assert sweep_all(ledger, settings=settings, twilio=twilio, now=later)["flow"] == {"sent": 1}
         assert [r.to for r in sandbox.requests] == ["+393471234567"]
+        # the flow's task, as the worker runs it (settings from the environment)
+        from tasks.fallback import sweep_fallbacks
+
+        monkeypatch.setenv("RECAPITO_DB_URL", settings.db_url)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        result = sweep_fallbacks.fn("flow")
+        assert result["counts"] == {"flow": {}}
+        assert result["funnel"] == [
+            {"campaign": "flow", "channel": "paper", "pending": 1},
+            {"campaign": "flow", "channel": "sms", "sent": 1},
+        ]
     finally:
         api.stop()
         ledger.close()

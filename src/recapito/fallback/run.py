@@ -23,9 +23,18 @@ from typing import Any
 
 from recapito.campaign import campaign_dir
 from recapito.config import Settings, sandbox_settings_path
+from recapito.fallback.callbacks import TwilioHook
 from recapito.fallback.policy import Policy, PolicyError, parse_policy
+from recapito.fallback.push import DEFAULT_ENDPOINT, FcmPush, PushChannel
 from recapito.fallback.sms import TwilioSettings, TwilioSms
-from recapito.fallback.sweeper import ChannelSender, PaperQueue, SmsChannel, Sweeper, enroll
+from recapito.fallback.sweeper import (
+    ChannelSender,
+    PaperQueue,
+    SmsChannel,
+    Sweeper,
+    enroll,
+    funnel,
+)
 from recapito.ledger.store import Ledger
 
 DEFAULT_SMS_TEMPLATE = (
@@ -55,6 +64,27 @@ def twilio_settings(
         status_callback=f"{tracking_url.rstrip('/')}/twilio/status" if tracking_url else None,
         validity_period=int(validity) if validity.isdigit() else 14400,
     )
+
+
+def fcm_push(env: Mapping[str, str] | None = None) -> FcmPush | None:
+    """FCM from ``RECAPITO_FCM_PROJECT``, ``RECAPITO_FCM_ENDPOINT`` and a bearer token in
+    ``RECAPITO_FCM_TOKEN`` (production plugs Google's OAuth flow in as the provider)."""
+    env = os.environ if env is None else env
+    project = env.get("RECAPITO_FCM_PROJECT", "").strip()
+    token = env.get("RECAPITO_FCM_TOKEN", "").strip()
+    if not project or not token:
+        return None
+    endpoint = env.get("RECAPITO_FCM_ENDPOINT", "").strip() or DEFAULT_ENDPOINT
+    return FcmPush(project, lambda: token, endpoint=endpoint)
+
+
+def twilio_hook(ledger: Ledger, public_url: str | None = None) -> TwilioHook | None:
+    """The tracking service's Twilio webhooks, when a Twilio auth token is configured
+    (signatures are checked against ``public_url`` + path when the service is proxied)."""
+    settings = twilio_settings()
+    if settings is None:
+        return None
+    return TwilioHook(ledger, settings.auth_token, public_url=public_url)
 
 
 def _sandbox_values() -> dict[str, str]:
@@ -102,6 +132,9 @@ def sweep_all(
     default_policy: str | None = None,
     twilio: TwilioSettings | None = None,
     sms_template: str = DEFAULT_SMS_TEMPLATE,
+    fcm: FcmPush | None = None,
+    push_title: str = "Banca",
+    push_body: str = "Abbiamo una comunicazione per lei: la trova nell'app.",
     campaign: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, dict[str, int]]:
@@ -109,6 +142,8 @@ def sweep_all(
     senders: dict[str, ChannelSender] = {"paper": PaperQueue()}
     if twilio is not None:
         senders["sms"] = SmsChannel(ledger, TwilioSms(twilio), sms_template)
+    if fcm is not None:
+        senders["push"] = PushChannel(ledger, fcm, push_title, push_body)
     out: dict[str, dict[str, int]] = {}
     for camp in ledger.list_campaigns():
         if campaign is not None and camp.name != campaign:
@@ -123,3 +158,14 @@ def sweep_all(
             counts["enrolled"] = enrolled
         out[camp.name] = counts
     return out
+
+
+def funnel_rows(ledger: Ledger, campaign: str | None = None) -> list[dict[str, Any]]:
+    """The fallback funnel per campaign and channel (due → sent → delivered / failed)."""
+    rows: list[dict[str, Any]] = []
+    for camp in ledger.list_campaigns():
+        if campaign is not None and camp.name != campaign:
+            continue
+        for channel, states in sorted(funnel(ledger, camp.id).items()):
+            rows.append({"campaign": camp.name, "channel": channel, **states})
+    return rows

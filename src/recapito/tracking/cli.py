@@ -29,10 +29,12 @@ def tracking() -> None:
     help="Reverse proxies whose X-Forwarded-For is trusted (comma-separated, or '*').",
 )
 def serve(host: str, port: int, scanner_window: float, forwarded_allow_ips: str) -> None:
-    """Serve /o (open pixel), /c (click redirect) and /u (unsubscribe) until Ctrl-C."""
+    """Serve /o (open pixel), /c (click redirect), /u (unsubscribe) and, with a Twilio auth
+    token configured, /twilio/status and /twilio/inbound (signed webhooks) until Ctrl-C."""
     import uvicorn
 
     from recapito.config import Settings
+    from recapito.fallback.run import twilio_hook
     from recapito.ledger import Ledger
     from recapito.tracking.service import TrackingApp, uvicorn_config
     from recapito.tracking.store import TrackingStore
@@ -41,7 +43,12 @@ def serve(host: str, port: int, scanner_window: float, forwarded_allow_ips: str)
     settings = Settings.load()
     signer = TokenSigner(tracking_keyring(settings))
     ledger = Ledger(settings.db_url)
-    app = TrackingApp(TrackingStore(ledger), signer, scanner_window=scanner_window)
+    app = TrackingApp(
+        TrackingStore(ledger),
+        signer,
+        scanner_window=scanner_window,
+        twilio=twilio_hook(ledger, settings.tracking_url),
+    )
     click.echo(
         f"tracking service on http://{host}:{port} (keys {', '.join(signer.keyring.key_ids)}; "
         f"messages point at {settings.tracking_url or 'nothing: set RECAPITO_TRACKING_URL'})",
