@@ -45,7 +45,7 @@ from recapito.tracking.store import TrackingStore
 from recapito.tracking.tokens import TokenSigner
 
 POLICY = (
-    "email → on insecure_channel|hard_bounce|failed → sms → paper; "
+    "email → on insecure_channel|hard_bounce|failed|not_pec → sms → paper; "
     "wait 24h for delivered|opened → sms → wait 48h → paper"
 )
 TOKEN = "sandbox-auth-token"
@@ -145,6 +145,7 @@ PHONES = {
     "unavailable": tw.UNAVAILABLE,
     "opted": "+393471110000",
     "quiet": "+393471119999",
+    "pec": "+393471112222",
 }
 
 
@@ -154,7 +155,8 @@ def world(tmp_path: Path) -> Iterator[World]:
     camp = ledger.ensure_campaign("fb", sender="n@bank.test", template_hash="h" * 64, params={})
     ledger.plan(
         camp.id,
-        [PlannedDelivery(c, f"{c}@example.test", "example.test", 0) for c in PHONES],
+        [PlannedDelivery(c, f"{c}@example.test", "example.test", 0) for c in PHONES if c != "pec"]
+        + [PlannedDelivery("pec", "pec@pec.example.test", "pec.example.test", 0, channel="pec")],
     )
     ids: dict[str, int] = {}
     for claim in ledger.claim_chunk(camp.id, 0, worker="t"):
@@ -165,11 +167,16 @@ def world(tmp_path: Path) -> Iterator[World]:
         else:
             out = Outcome(State.INSECURE_CHANNEL, reason="tls_below_floor")
         ledger.record(claim, out)
-    with ledger.engine.begin() as conn:  # the bounce collector's verdict
+    with ledger.engine.begin() as conn:  # the bounce and PEC receipt collectors' verdicts
         conn.execute(
             deliveries.update()
             .where(deliveries.c.id == ids["bounced"])
             .values(state="bounced", permanence="permanent", reason="user_unknown")
+        )
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.campaign_id == camp.id, deliveries.c.channel == "pec")
+            .values(state="not_pec")
         )
     opt_out(ledger, "+393471110000")
     sandbox = tw.TwilioSandbox(SID, TOKEN, delay=0.02)
@@ -213,16 +220,23 @@ def test_sweeper_routes_as_the_policy_says(world: World) -> None:
     t0 = utcnow()
     assert enroll(w.ledger, w.campaign_id, w.sweeper.policy, PHONES) == 0  # again: no duplicates
     first = w.sweeper.sweep(t0)  # watch rows: triggers fire
-    assert first["triggered"] == 7 and first["watching"] == 1
+    assert first["triggered"] == 8 and first["watching"] == 1
     second = w.sweeper.sweep(t0)  # the sms steps go out
-    assert second["sent"] == 3  # insecure, bounced, unreachable
+    assert second["sent"] == 4  # insecure, bounced, not_pec, unreachable
     # hard failures (landline, blocked at Twilio, opted out) and one soft (503)
     assert second["failed"] == 3 and second["retry"] == 1
     _wait_callbacks(w)
 
     sent_to = [r.to for r in w.sandbox.requests]
     assert sorted(sent_to) == sorted(
-        ["+393471234567", "+393331234501", tw.BLOCKED, tw.UNREACHABLE, tw.UNAVAILABLE]
+        [
+            "+393471234567",
+            "+393331234501",
+            "+393471112222",
+            tw.BLOCKED,
+            tw.UNREACHABLE,
+            tw.UNAVAILABLE,
+        ]
     )  # landline and opted-out never reached Twilio
     assert w.sandbox.requests[0].params["ValidityPeriod"] == "14400"
     assert "Body" in w.sandbox.requests[0].params
@@ -233,6 +247,12 @@ def test_sweeper_routes_as_the_policy_says(world: World) -> None:
     assert ok[2]["state"] == "pending"  # never needed
     assert _steps(w, "bounced")[0]["outcome"] == "hard_bounce"
     assert _steps(w, "bounced")[1]["state"] == "delivered"
+    pec = _steps(w, "pec")
+    assert (pec[0]["channel"], pec[0]["outcome"], pec[1]["state"]) == (
+        "pec",
+        "not_pec",
+        "delivered",
+    )
     # the late 'sent' after 'delivered' was accepted by the service and ignored
     late = next(r for r in w.sandbox.requests if r.to == "+393471234567")
     assert late.callbacks == [("sent", 204), ("delivered", 204), ("sent", 204)]
@@ -272,7 +292,7 @@ def test_sweeper_routes_as_the_policy_says(world: World) -> None:
     assert quiet[1]["state"] == "delivered" and quiet[2]["state"] == "pending"
 
     f = funnel(w.ledger, w.campaign_id)
-    assert f["sms"] == {"delivered": 3, "failed": 5}
+    assert f["sms"] == {"delivered": 4, "failed": 5}
     with w.ledger.engine.connect() as conn:
         kinds = {r[0] for r in conn.execute(sa.select(events.c.kind).distinct())}
     assert {"fallback_triggered", "fallback_attempt", "fallback_sent", "sms_status"} <= kinds

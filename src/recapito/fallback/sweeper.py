@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from recapito.fallback.policy import Policy, Rule
+from recapito.fallback.policy import PRIMARY_CHANNELS, Policy, Rule
 from recapito.fallback.sms import (
     FINAL_FAILURES,
     SmsError,
@@ -104,12 +104,15 @@ def enroll(
     *,
     now: datetime | None = None,
 ) -> int:
-    """A watch row per primary delivery of the campaign (again: no duplicates). Returns new."""
+    """A watch row per e-mail and PEC delivery of the campaign (a campaign mixes both: the
+    PEC rows bring the pec_error / not_pec / delivery_timeout triggers). Again: no
+    duplicates. Returns how many rows are new."""
     now = now or utcnow()
     with ledger.engine.begin() as conn:
         rows = conn.execute(
-            sa.select(deliveries.c.id, deliveries.c.contact_id).where(
-                deliveries.c.campaign_id == campaign_id, deliveries.c.channel == policy.primary
+            sa.select(deliveries.c.id, deliveries.c.contact_id, deliveries.c.channel).where(
+                deliveries.c.campaign_id == campaign_id,
+                deliveries.c.channel.in_(sorted(PRIMARY_CHANNELS)),
             )
         ).all()
         have = {
@@ -126,7 +129,7 @@ def enroll(
                 "delivery_id": int(r.id),
                 "contact_id": r.contact_id,
                 "step_index": 0,
-                "channel": policy.primary,
+                "channel": r.channel,
                 "state": WATCHING,
                 "fallback_due_at": now,
                 "attempts": 0,
