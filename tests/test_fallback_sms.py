@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -522,3 +523,25 @@ def test_push_through_the_fcm_sandbox_invalidates_unregistered_tokens(tmp_path: 
         fcm.close()
         server.stop()
         ledger.close()
+
+
+def test_callbacks_that_overtake_the_answer_still_count(world: World) -> None:
+    """Twilio's callbacks can arrive before the sweeper has recorded Twilio's answer."""
+    w = world
+    channel = w.sweeper.senders["sms"]
+    assert isinstance(channel, SmsChannel)
+
+    class SlowAnswer(TwilioSms):
+        def send(self, to: str, body: str, *, reference: str | None = None) -> Any:
+            sent = super().send(to, body, reference=reference)
+            assert w.api.wait_idle()  # every callback came while the step was 'sending'
+            return sent
+
+    channel.sms = SlowAnswer(channel.sms.settings)
+    t0 = utcnow()
+    w.sweeper.sweep(t0)
+    w.sweeper.sweep(t0)
+    step = _steps(w, "insecure")[1]
+    assert step["state"] == "sent" and step["provider_status"] == "delivered"
+    w.sweeper.sweep(t0 + timedelta(minutes=16))  # the recheck sees the delivery
+    assert _steps(w, "insecure")[1]["state"] == "delivered"

@@ -31,14 +31,15 @@ class TwilioHook:
     def verify(self, url: str, params: Mapping[str, str], signature: str) -> bool:
         return bool(signature) and signature_valid(self.auth_token, url, params, signature)
 
-    def status(self, params: Mapping[str, str]) -> str:
+    def status(self, params: Mapping[str, str], ref: str | None = None) -> str:
         sid = params.get("MessageSid") or params.get("SmsSid") or ""
         status = (params.get("MessageStatus") or params.get("SmsStatus") or "").lower()
         code_text = params.get("ErrorCode") or ""
         code = int(code_text) if code_text.isdigit() else None
         if not sid or not status:
             return "malformed"
-        return record_sms_status(self.ledger, sid, status, code)
+        step_id = int(ref) if ref and ref.isdigit() else None
+        return record_sms_status(self.ledger, sid, status, code, step_id=step_id)
 
     def inbound(self, params: Mapping[str, str]) -> str:
         body = (params.get("Body") or "").strip().upper()

@@ -613,7 +613,7 @@ class SmsChannel:
             {**self.context, "contact_id": step.contact_id},
             max_segments=self.max_segments,
         )
-        sent = self.sms.send(to, body)
+        sent = self.sms.send(to, body, reference=str(step.id))
         return ChannelResult(sent.sid, sent.status)
 
 
@@ -657,6 +657,7 @@ def record_sms_status(
     status: str,
     error_code: int | None = None,
     *,
+    step_id: int | None = None,
     now: datetime | None = None,
 ) -> str:
     """A status callback: monotonic (a late ``sent`` after ``delivered`` is ignored).
@@ -669,11 +670,22 @@ def record_sms_status(
         row = conn.execute(
             sa.select(fallback_steps).where(fallback_steps.c.provider_id == sid)
         ).first()
+        values: dict[str, Any] = {"provider_status": status, "updated_at": now}
+        if row is None and step_id is not None:
+            # the callback overtook the recording of Twilio's answer: the step is still
+            # ``sending``; the sid is taken from here and the answer keeps this status
+            row = conn.execute(
+                sa.select(fallback_steps).where(
+                    fallback_steps.c.id == step_id,
+                    fallback_steps.c.state == SENDING,
+                    fallback_steps.c.provider_id.is_(None),
+                )
+            ).first()
+            values["provider_id"] = sid
         if row is None:
             return "unknown"
         if not advances(row.provider_status, status):
             return "ignored"
-        values: dict[str, Any] = {"provider_status": status, "updated_at": now}
         if status in ("delivered", "read") and row.state == SENT:
             values.update(state=DELIVERED, fallback_due_at=None)
         elif status in FINAL_FAILURES:

@@ -290,8 +290,11 @@ class TrackingApp:
         url = hook.url_for(path, str(request.url))
         if not hook.verify(url, params, request.headers.get("x-twilio-signature", "")):
             return PlainTextResponse("forbidden\n", status_code=403)
-        apply = hook.inbound if inbound else hook.status
-        result = await run_in_threadpool(apply, params)
+        if inbound:
+            result = await run_in_threadpool(hook.inbound, params)
+        else:
+            ref = request.query_params.get("ref")
+            result = await run_in_threadpool(hook.status, params, ref)
         if result == "malformed":
             return PlainTextResponse("malformed\n", status_code=400)
         return Response(status_code=204)
