@@ -49,3 +49,19 @@ def test_web_url_is_not_a_contact_file() -> None:
 def test_database_url_needs_a_query() -> None:
     with pytest.raises(InputError, match="needs a query"):
         preflight(_params("sqlite:////tmp/recapito-none.db"))
+
+
+def test_the_same_contacts_file_spelled_another_way_resumes_the_campaign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-run with ./file, an absolute path, or from another folder is the same campaign."""
+    from recapito.campaign import CampaignParams, _check_same_audience
+
+    (tmp_path / "c.csv").write_text("email\na@b.test\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    first = CampaignParams(name="x", contacts="c.csv", template="t", sender="n@bank.test")
+    assert first.contacts == str(tmp_path / "c.csv")
+    again = CampaignParams(name="x", contacts="./c.csv", template="t", sender="n@bank.test")
+    _check_same_audience(again, first.model_dump())
+    # campaigns stored before paths were made absolute: relative spelling still matches
+    _check_same_audience(again, {**first.model_dump(), "contacts": "c.csv"})

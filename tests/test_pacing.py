@@ -382,6 +382,7 @@ def test_paced_campaign_shares_its_rate_through_prefect(
         parallel_chunks=2,
         rate_per_minute=600,  # 10 a second
         shared_rate_limit=True,
+        domain_limits={"postaveloce.test": "conn=1,rate=1200/min"},
     )
     started = time.monotonic()
     report = campaign_flow(params)
@@ -393,6 +394,9 @@ def test_paced_campaign_shares_its_rate_through_prefect(
         artifact = client.read_latest_artifacts()  # newest per key
         keys = {a.key for a in artifact}
     assert f"{_artifact_key(params.name)}-pacing" in keys
+    pacing = next(a for a in artifact if a.key == f"{_artifact_key(params.name)}-pacing")
+    assert "600 messages a minute" in str(pacing.data)
+    assert "domain limit postaveloce.test | 1 connections, 1200 a minute" in str(pacing.data)
     assert elapsed >= 1.0  # 12 messages at 10 a second cannot leave faster
 
 
@@ -401,7 +405,13 @@ def test_paced_campaign_shares_its_rate_through_prefect(
     [
         (["--rate", "5/day"], "--rate: unknown rate unit 'day'"),
         (["--rate", "0/min"], "--rate: the rate must be above zero"),
-        (["--wave-size", "10"], "waves need both wave_size and wave_interval_minutes"),
+        (["--wave-size", "10"], "waves need both a size and an interval (--wave-size"),
+        (["--wave-interval", "1"], "waves need both a size and an interval (--wave-size"),
+        (["--wave-size", "5", "--wave-interval", "inf"], "--wave-interval: "),
+        (["--rate", "inf/min"], "--rate: 'inf' is not a finite number"),
+        (["--rate", "nan/min"], "--rate: 'nan' is not a finite number"),
+        (["--domain-limit", "a.it=conn=2,conn=3"], "--domain-limit: a.it: conn given twice"),
+        (["--mx-limit", ".=conn=2"], "--mx-limit: '.': expected a domain or host name"),
         (["--domain-limit", "libero.it"], "--domain-limit 'libero.it': expected DOMAIN="),
         (["--domain-limit", "libero.it=speed=3"], "--domain-limit: libero.it: unknown limit"),
         (["--mx-limit", "mx.test=conn=0"], "--mx-limit: mx.test: connections must be at least 1"),

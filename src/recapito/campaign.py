@@ -105,16 +105,26 @@ class CampaignParams(BaseModel):
     )
 
     rate_per_minute: float | None = Field(
-        None, gt=0, description="Campaign pace: at most this many messages a minute"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Campaign pace: at most this many messages a minute",
     )
     rate_per_hour: float | None = Field(
-        None, gt=0, description="Campaign pace: at most this many messages an hour"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Campaign pace: at most this many messages an hour",
     )
     wave_size: int | None = Field(
         None, ge=1, description="Waves: this many messages, then wait for the next interval"
     )
     wave_interval_minutes: float | None = Field(
-        None, gt=0, description="Waves: one wave starts every so many minutes"
+        None,
+        gt=0,
+        le=7 * 24 * 60,
+        allow_inf_nan=False,
+        description="Waves: one wave starts every so many minutes",
     )
     domain_limits: dict[str, str] = Field(
         default_factory=dict,
@@ -241,7 +251,10 @@ class CampaignParams(BaseModel):
                     "wave_size or wave_percent"
                 )
         elif (self.wave_size is None) != (self.wave_interval_minutes is None):
-            raise ValueError("waves need both wave_size and wave_interval_minutes")
+            raise ValueError(
+                "waves need both a size and an interval (--wave-size and --wave-interval; "
+                "campaign parameters wave_size and wave_interval_minutes)"
+            )
         elif self.wave_percent is not None:
             raise ValueError("wave_percent needs sending_mode waves")
         if self.sending_mode == "scheduled" and self.send_at is None:
@@ -276,6 +289,16 @@ class CampaignParams(BaseModel):
     def paced(self) -> bool:
         waves = self.wave_size and self.sending_mode != "waves"
         return bool(self.rate_per_minute or self.rate_per_hour or waves)
+
+    @field_validator("contacts")
+    @classmethod
+    def _contacts(cls, value: str) -> str:
+        # a file is kept by its absolute path: a re-run from another folder, or a worker
+        # elsewhere, finds the same file and recognises the same campaign
+        text = value.strip()
+        if "://" not in text and Path(text).expanduser().is_file():
+            return str(Path(text).expanduser().resolve())
+        return text
 
     @field_validator("name")
     @classmethod
@@ -366,11 +389,22 @@ def _check_same_audience(params: CampaignParams, stored: dict[str, Any]) -> None
             before = "opportunistic"
         if key == "tls_policy_by_class" and before is None:
             before = {}
+        if key == "contacts" and _same_file(before, now):
+            continue  # the same file, spelled another way (relative, absolute, ./)
         if before != now:
             raise InputError(
                 f"campaign {params.name!r} was created with {key}={before!r}, now {key}={now!r}: "
                 "re-run it with the same parameters, or choose a new campaign name"
             )
+
+
+def _same_file(before: Any, now: Any) -> bool:
+    if not isinstance(before, str) or not isinstance(now, str) or "://" in before + now:
+        return False
+    try:
+        return Path(before).resolve() == Path(now).resolve() or Path(before).samefile(now)
+    except OSError:
+        return False
 
 
 def _check_class_column(params: CampaignParams, columns: list[str]) -> None:
@@ -527,7 +561,9 @@ def prepare(params: CampaignParams, settings: Settings) -> Prepared:
             targeted.rejected.write_csv(out / "rejected.csv")
             counts = dict(targeted.counts)
             counts["chunk_size"] = size
-        ledger.expire_stale_claims(campaign.id)
+        ledger.expire_stale_claims(
+            campaign.id, dead_workers=dead_local_workers(ledger, campaign.id)
+        )
         counts["planned_new"] = ledger.plan(campaign.id, _planned_rows(audience))
         ledger.update_campaign(campaign.id, status="planned", counts=counts)
         chunks = ledger.planned_chunks(campaign.id, channel="email")
@@ -607,6 +643,25 @@ def _planned_rows(audience: pl.DataFrame) -> Any:
 
 def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_local_workers(ledger: Ledger, campaign_id: int) -> list[str]:
+    """Workers of this host holding claims of the campaign whose process is gone (killed,
+    crashed): their claims need not wait for the lease to run out. Workers of other hosts
+    are left to their lease."""
+    host = socket.gethostname()
+    dead = []
+    for worker in ledger.claim_holders(campaign_id):
+        name, sep, pid_text = worker.rpartition(":")
+        if not sep or name != host or not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            dead.append(worker)
+        except PermissionError:
+            continue  # alive, owned by someone else
+    return dead
 
 
 def chunk_renderer(

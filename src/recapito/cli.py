@@ -122,12 +122,19 @@ def _class_policies(pairs: tuple[str, ...]) -> dict[str, str]:
 
 def _sigterm_like_ctrl_c() -> None:
     """SIGTERM (timeout, systemd, docker stop) unwinds like Ctrl-C, so the servers this
-    process started (sandbox, Prefect) are stopped by the same clean-up code."""
+    process started (sandbox, Prefect) are stopped by the same clean-up code. Either one
+    also tells the delivery runs of this process to stop: they finish the messages in
+    flight and give back the rest (the chunk threads would otherwise go on sending)."""
+    from recapito.delivery.engine import STOP
 
     def handler(signum: int, frame: object) -> None:
+        if not STOP.is_set():
+            STOP.set()
+            sys.stderr.write("stopping: messages in flight finish, the rest is released\n")
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def prefect_environment(home: Path) -> None:

@@ -245,7 +245,10 @@ def pacing_markdown(status: dict[str, Any], totals: dict[str, float], done: int,
         rules.append(f"waves of {status['wave_size']} every {minutes:g} min")
     lines.append("| | |")
     lines.append("|---|---|")
-    lines.append(f"| rules | {'; '.join(rules) or 'none'} |")
+    lines.append(f"| campaign rules | {'; '.join(rules) or 'none'} |")
+    for kind, label in (("domain_limits", "domain limit"), ("mx_limits", "MX limit")):
+        for name, text in (status.get(kind) or {}).items():
+            lines.append(f"| {label} {name} | {text} |")
     if "wave" in status:
         nxt = status.get("next_wave_in_s")
         when = "—" if nxt is None else f"in {float(nxt):.0f} s"

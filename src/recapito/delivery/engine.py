@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,6 +45,11 @@ from recapito.security.policy import (
 )
 
 Renderer = Callable[[Claim], RenderedMessage]
+
+# Set when the process is asked to stop (Ctrl-C, SIGTERM): every delivery run of the
+# process stops taking messages, lets the ones in flight finish, and releases the claims it
+# never attempted, so a re-run sends them at once instead of after the lease.
+STOP = threading.Event()
 # Takes up to n sending permits from a limit shared with other workers, blocking until
 # they are granted, and says how many it got (the tasks layer backs it with a Prefect
 # global concurrency limit). Called in a thread.
@@ -501,9 +507,11 @@ class DeliveryRun:
 
     async def _worker(self, group: _Group) -> None:
         carry: _Booked | None = None  # a message booked for later, held across a pause
-        while carry is not None or not group.queue.empty():
+        while (carry is not None or not group.queue.empty()) and not STOP.is_set():
             if carry is not None:
                 await _sleep_until(carry.ready_at)
+                if STOP.is_set():
+                    return
             async with self._global_slots:
                 if group.domain_slots is not None:
                     await group.domain_slots.acquire()
@@ -568,6 +576,8 @@ class DeliveryRun:
         """Send queued messages on one session; returns a message booked too far ahead to
         keep the connection waiting for it (the caller reconnects when its time comes)."""
         while session.sent < self.options.messages_per_connection:
+            if STOP.is_set():
+                return carry  # never attempted: released when the run ends
             if carry is not None:
                 booked, carry = carry, None
             elif group.queue.empty():
@@ -581,7 +591,9 @@ class DeliveryRun:
                 self.stats.pacing.pauses += 1
                 return booked
             if wait > 0:
-                await asyncio.sleep(wait)
+                await _sleep_until(booked.ready_at)
+                if STOP.is_set():
+                    return booked
             claim, tries = booked.claim, booked.tries
             try:
                 rendered = self.render(claim)
@@ -708,9 +720,12 @@ class _Booked:
 
 
 async def _sleep_until(when: float) -> None:
-    wait = when - time.monotonic()
-    if wait > 0:
-        await asyncio.sleep(wait)
+    """Wait until ``when``, waking early when the process is asked to stop."""
+    while not STOP.is_set():
+        wait = when - time.monotonic()
+        if wait <= 0:
+            return
+        await asyncio.sleep(min(wait, 0.5))
 
 
 def _policy_failure(verdict: HostVerdict, recipient: RecipientPolicy) -> bool:

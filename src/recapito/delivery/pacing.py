@@ -19,6 +19,7 @@ nothing of Prefect).
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -40,11 +41,17 @@ class Limit:
         """``"conn=5,rate=120/min"`` (either part optional; rate also ``/h`` or ``/s``)."""
         connections: int | None = None
         per_minute: float | None = None
+        if not what.strip(".").strip():
+            raise InputError(f"{what!r}: expected a domain or host name")
+        seen: set[str] = set()
         for part in (p.strip() for p in text.split(",") if p.strip()):
             key, eq, value = part.partition("=")
             key = key.strip().lower()
             if not eq:
                 raise InputError(f"{what}: {part!r} should be conn=N or rate=N/min")
+            if key in seen:
+                raise InputError(f"{what}: {key} given twice")
+            seen.add(key)
             if key in ("conn", "connections"):
                 try:
                     connections = int(value)
@@ -74,6 +81,8 @@ def parse_rate(text: str, what: str) -> float:
         value = float(count)
     except ValueError:
         raise InputError(f"{what}: {count!r} is not a number") from None
+    if math.isnan(value) or math.isinf(value):
+        raise InputError(f"{what}: {count!r} is not a finite number")
     if not value > 0:
         raise InputError(f"{what}: the rate must be above zero")
     return value * factor
@@ -355,4 +364,19 @@ class Pacer:
                 wave_interval_s=self._wave.interval,
                 **self._wave.status(),
             )
+        for kind, table in (
+            ("domain_limits", self.options.domain_limits),
+            ("mx_limits", self.options.mx_limits),
+        ):
+            if table:
+                out[kind] = {name: _describe(limit) for name, limit in sorted(table.items())}
         return out
+
+
+def _describe(limit: Limit) -> str:
+    parts = []
+    if limit.connections is not None:
+        parts.append(f"{limit.connections} connections")
+    if limit.per_minute is not None:
+        parts.append(f"{limit.per_minute:g} a minute")
+    return ", ".join(parts)

@@ -509,17 +509,41 @@ class Ledger:
 
     # ---- claims and outcomes -------------------------------------------------------------
 
-    def expire_stale_claims(self, campaign_id: int | None = None) -> dict[str, int]:
-        """Deal with claims whose lease ran out (their worker died).
+    def claim_holders(self, campaign_id: int) -> list[str]:
+        """The workers holding claimed or sending rows of a campaign."""
+        with self.engine.connect() as conn:
+            return [
+                str(w)
+                for (w,) in conn.execute(
+                    sa.select(deliveries.c.worker)
+                    .where(
+                        sa.and_(
+                            deliveries.c.campaign_id == campaign_id,
+                            deliveries.c.state.in_([State.CLAIMED.value, State.SENDING.value]),
+                            deliveries.c.worker.is_not(None),
+                        )
+                    )
+                    .distinct()
+                ).all()
+            ]
+
+    def expire_stale_claims(
+        self, campaign_id: int | None = None, *, dead_workers: Sequence[str] = ()
+    ) -> dict[str, int]:
+        """Deal with claims whose lease ran out (their worker died), and with the claims of
+        ``dead_workers`` (known dead: a process of this host that no longer exists).
 
         A row still ``claimed`` never reached the point where its body was sent: it goes
         back to ``planned``. A row ``sending`` may have been accepted by the server without
         the reply reaching us: it becomes ``uncertain``, never resent without a decision.
         """
         now = utcnow()
+        gone = deliveries.c.lease_until < now
+        if dead_workers:
+            gone = sa.or_(gone, deliveries.c.worker.in_(list(dead_workers)))
         expired = sa.and_(
             deliveries.c.state.in_([State.CLAIMED.value, State.SENDING.value]),
-            deliveries.c.lease_until < now,
+            gone,
         )
         if campaign_id is not None:
             expired = sa.and_(expired, deliveries.c.campaign_id == campaign_id)
