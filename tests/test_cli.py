@@ -249,3 +249,24 @@ def test_resend_uncertain_is_an_explicit_operator_command(tmp_path: Path) -> Non
     result = _run(tmp_path, "campaign", "resend", "rs", "--uncertain", "--json")
     assert result.returncode == 0, result.stderr
     assert '"requeued": 1' in result.stdout
+
+
+def test_resend_failed_with_a_reason_no_row_has_is_an_error(tmp_path: Path) -> None:
+    """A mistyped --reason used to put nothing back and exit 0."""
+    from recapito.ledger import Ledger, Outcome, PlannedDelivery, State
+
+    home = tmp_path / "var"
+    ledger = Ledger(f"sqlite:///{home / 'recapito.db'}")
+    camp = ledger.ensure_campaign("rf", sender="a@b.test", template_hash="h" * 64, params={})
+    ledger.plan(camp.id, [PlannedDelivery(str(i), f"x{i}@y.test", "y.test", 0) for i in range(2)])
+    claims = ledger.claim_chunk(camp.id, 0, worker="w")
+    for claim in claims:
+        ledger.record(claim, Outcome(State.FAILED, reason="spam_rejected", permanence="permanent"))
+    ledger.close()
+    _one_line_error(
+        _run(tmp_path, "campaign", "resend", "rf", "--failed", "--reason", "bogus_reason"),
+        "--reason 'bogus_reason': no failed delivery of 'rf' has it; "
+        "failed reasons here: spam_rejected (2)",
+    )
+    result = _run(tmp_path, "campaign", "resend", "rf", "--failed", "--reason", "spam_rejected")
+    assert result.returncode == 0, result.stderr

@@ -390,6 +390,15 @@ def campaign_resend(
         if found is None:
             raise click.ClickException(f"no campaign named {name!r} in the ledger")
         state = State.UNCERTAIN if uncertain else State.FAILED
+        if reason is not None:
+            # a mistyped reason would quietly put nothing back: name the ones there are
+            present = ledger.count_by_state_reason(found.id, State.FAILED)
+            if reason not in present:
+                known = ", ".join(f"{k} ({v})" for k, v in sorted(present.items())) or "none"
+                raise click.ClickException(
+                    f"--reason {reason!r}: no failed delivery of {name!r} has it; "
+                    f"failed reasons here: {known}"
+                )
         count = ledger.requeue(found.id, state=state, reason=reason, operator=getpass.getuser())
     finally:
         ledger.close()

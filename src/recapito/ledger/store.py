@@ -1067,6 +1067,15 @@ class Ledger:
             for r in rows
         ]
 
+    def count_by_state_reason(self, campaign_id: int, state: State) -> dict[str, int]:
+        """Deliveries of one state by reason."""
+        return self._count_by(
+            deliveries.c.reason,
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.state == state.value,
+            deliveries.c.reason.is_not(None),
+        )
+
     def reply_reasons(self, campaign_id: int) -> dict[str, int]:
         return self._count_by(
             deliveries.c.reason,
