@@ -78,6 +78,8 @@ def test_sigkill_mid_chunk_then_rerun(sandbox: Sandbox, tmp_path: Path) -> None:
     states = Counter(r["state"] for r in rows)
     assert set(states) <= {"accepted", "uncertain"}, states
     assert states["uncertain"] == at_kill.get("sending", 0)
+    # the Message-ID is committed with "sending": an operator can look an uncertain one up
+    assert all(r["message_id"] for r in rows if r["state"] == "uncertain")
 
     stored = Counter(
         m.delivery_id for m in sandbox.messages() if m.header("X-Recapito-Campaign") == "crash"

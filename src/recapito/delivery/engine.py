@@ -613,7 +613,7 @@ class DeliveryRun:
                     rendered.envelope_from or self.options.sender,
                     claim.address,
                     rendered.data,
-                    before_body=self._before_body(claim),
+                    before_body=self._before_body(claim, rendered.message_id),
                 )
             except ClaimLost:
                 # the lease went to another worker before the body left: not ours to record
@@ -645,12 +645,12 @@ class DeliveryRun:
                 return None
         return carry
 
-    def _before_body(self, claim: Claim) -> Callable[[], Awaitable[bool]]:
+    def _before_body(self, claim: Claim, message_id: str) -> Callable[[], Awaitable[bool]]:
         async def mark() -> bool:
             if claim.delivery_id in self._marked:
                 return True  # marked on a connection that broke before the body left
             assert self._commits is not None
-            owned = await self._commits.submit(MarkSending(claim))
+            owned = await self._commits.submit(MarkSending(claim, message_id))
             if owned:
                 self._marked.add(claim.delivery_id)
             return owned

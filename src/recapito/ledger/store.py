@@ -229,7 +229,12 @@ _MARK_SENDING = (
             deliveries.c.claim_token == sa.bindparam("b_token"),
         )
     )
-    .values(state=State.SENDING.value, updated_at=sa.bindparam("b_now"))
+    .values(
+        state=State.SENDING.value,
+        updated_at=sa.bindparam("b_now"),
+        # known before the body leaves: an operator can find an uncertain message by it
+        message_id=sa.func.coalesce(sa.bindparam("b_mid"), deliveries.c.message_id),
+    )
 )
 
 
@@ -241,6 +246,7 @@ class MarkSending:
     """The body of a claimed delivery is about to leave (committed before it does)."""
 
     claim: Claim
+    message_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -753,7 +759,12 @@ class Ledger:
         with self._tx() as conn:
             for op in ops:
                 if isinstance(op, MarkSending):
-                    params = {"b_id": op.claim.delivery_id, "b_token": op.claim.token, "b_now": now}
+                    params = {
+                        "b_id": op.claim.delivery_id,
+                        "b_token": op.claim.token,
+                        "b_now": now,
+                        "b_mid": op.message_id,
+                    }
                     answers.append(conn.execute(_MARK_SENDING, params).rowcount == 1)
                 elif isinstance(op, RecordOutcome):
                     owned = conn.execute(_RECORD_OUTCOME, _outcome_values(op, now)).rowcount == 1
