@@ -270,3 +270,26 @@ def test_resend_failed_with_a_reason_no_row_has_is_an_error(tmp_path: Path) -> N
     )
     result = _run(tmp_path, "campaign", "resend", "rf", "--failed", "--reason", "spam_rejected")
     assert result.returncode == 0, result.stderr
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """`recapito … | head -1` used to print 'Error: Broken pipe'."""
+    env = {**os.environ, "RECAPITO_HOME": str(tmp_path / "var")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recapito.cli",
+            "bounce",
+            "classify",
+            str(Path(__file__).parent / "fixtures" / "bounces"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err

@@ -41,6 +41,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except RecapitoError as exc:
             raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:
+            # the reader went away (`… | head`): nothing more to say, and no error to print
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise SystemExit(0) from None
         except sqlalchemy.exc.OperationalError as exc:
             raise click.ClickException(
                 f"ledger database unreachable ({_first_line(exc.orig or exc)}): "
