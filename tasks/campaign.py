@@ -90,6 +90,30 @@ def deliver_chunk(
     return core.deliver_chunk(params, chunk, Settings.load(), permits=shared_permits(params))
 
 
+def ensure_global_limit(name: str, limit: int, decay: float | None) -> None:
+    """Create or update a Prefect global concurrency limit (with slot decay: a rate), once:
+    left alone when it already holds these values; several tasks may race to create it."""
+    with get_client(sync_client=True) as client:
+        try:
+            current = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            current = None
+        if current is not None and (current.limit, current.slot_decay_per_second) == (
+            limit,
+            decay,
+        ):
+            return
+        try:
+            client.upsert_global_concurrency_limit_by_name(
+                name, limit=limit, slot_decay_per_second=decay
+            )
+        except ObjectAlreadyExists:
+            # another task created it at the same moment: make sure it is current
+            client.upsert_global_concurrency_limit_by_name(
+                name, limit=limit, slot_decay_per_second=decay
+            )
+
+
 def shared_rate_limit_name(params: core.CampaignParams) -> str:
     return f"recapito-rate-{params.name}"
 
@@ -105,24 +129,7 @@ def shared_permits(params: core.CampaignParams) -> Permits | None:
     name = shared_rate_limit_name(params)
     # room for a few seconds of messages; slots free up at the campaign's rate
     capacity = max(1, min(1000, round(per_second * 10)))
-    with get_client(sync_client=True) as client:
-        try:
-            current = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            current = None
-        try:
-            if current is None or (current.limit, current.slot_decay_per_second) != (
-                capacity,
-                per_second,
-            ):
-                client.upsert_global_concurrency_limit_by_name(
-                    name, limit=capacity, slot_decay_per_second=per_second
-                )
-        except ObjectAlreadyExists:
-            # another chunk task created it at the same moment: make sure it is current
-            client.upsert_global_concurrency_limit_by_name(
-                name, limit=capacity, slot_decay_per_second=per_second
-            )
+    ensure_global_limit(name, capacity, per_second)
     block = max(1, min(capacity, 10))
 
     def take(n: int) -> int:

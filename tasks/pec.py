@@ -17,12 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import get_client, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.blocks.core import Block
 from prefect.concurrency.sync import concurrency, rate_limit
 from prefect.context import TaskRunContext
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import Field, SecretStr
 
 from recapito import campaign as core
@@ -35,7 +34,7 @@ from recapito.pec.mailboxes import (
     expiry_markdown,
 )
 from recapito.pec.submit import ConnectionGate, MailboxPermits
-from tasks.campaign import transient_only
+from tasks.campaign import ensure_global_limit, transient_only
 
 
 class PecMailboxBlock(Block):
@@ -96,31 +95,13 @@ def _limit_name(kind: str, mailbox: str) -> str:
     return f"recapito-pec-{kind}-{safe}"
 
 
-def _upsert(name: str, limit: int, decay: float | None) -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            current = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            current = None
-        wanted = (limit, decay)
-        if current is not None and (current.limit, current.slot_decay_per_second) == wanted:
-            return
-        try:
-            client.upsert_global_concurrency_limit_by_name(
-                name, limit=limit, slot_decay_per_second=decay
-            )
-        except ObjectAlreadyExists:
-            client.upsert_global_concurrency_limit_by_name(
-                name, limit=limit, slot_decay_per_second=decay
-            )
-
-
 def shared_limits(mailboxes: dict[str, PecMailbox]) -> tuple[MailboxPermits, ConnectionGate]:
     """Per-mailbox rate and connection limits shared by every worker (DESIGN §4)."""
     for box in mailboxes.values():
         per_second = box.per_minute / 60.0
-        _upsert(_limit_name("rate", box.name), max(1, min(10, round(per_second))), per_second)
-        _upsert(_limit_name("conn", box.name), box.connections, None)
+        rate_capacity = max(1, min(10, round(per_second)))
+        ensure_global_limit(_limit_name("rate", box.name), rate_capacity, per_second)
+        ensure_global_limit(_limit_name("conn", box.name), box.connections, None)
     # the harness and worker settings live in context variables: threads get a copy
     base = contextvars.copy_context()
 
